@@ -1,0 +1,78 @@
+//! Command line (DESIGN §3). `veilgate` alone is `veilgate run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, LogFormat};
+
+/// veilgate: a CONNECT-only forward proxy that hides client addresses and enforces limits.
+#[derive(Debug, Parser)]
+#[command(name = "veilgate", version, about)]
+pub struct Cli {
+    /// What to do (default: run).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options for `run` when no subcommand is given.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Run(RunArgs),
+    /// Check a configuration: print the effective config and exit 0, or name the problem and exit 1.
+    CheckConfig(ConfigArg),
+    /// Print the documented default configuration.
+    PrintDefaultConfig,
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArg {
+    /// Configuration file (TOML). Without one, the embedded defaults.
+    #[arg(short, long, env = "VEILGATE_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+}
+
+/// Options of `run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Proxy listen address, replacing `server.listen` (repeat for several).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+    /// Admin listen address, replacing `server.admin_listen`.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Log format, replacing `log.format`.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl RunArgs {
+    /// Loads the file (or the embedded defaults), applies the command-line overrides and
+    /// validates the result.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config.config {
+            Some(path) => Config::load(path)?,
+            None => Config::embedded(),
+        };
+        if !self.listen.is_empty() {
+            config.server.listen = self.listen.clone();
+        }
+        if let Some(a) = self.admin_listen {
+            config.server.admin_listen = Some(a);
+        }
+        if let Some(f) = self.log_format {
+            config.log.format = f;
+        }
+        config.validate("command line")?;
+        Ok(config)
+    }
+}

@@ -1,0 +1,505 @@
+//! Configuration: one typed tree, parsed from TOML with `deny_unknown_fields`, then checked
+//! once by [`Config::validate`] for the rules that span several keys. Every later stage reads
+//! typed values; nothing re-parses strings at run time.
+//!
+//! With no file veilgate runs on [`DEFAULT_CONFIG`], the documented file shipped as
+//! `config/veilgate.toml`. Missing keys in a user's file take the same defaults.
+
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::pattern::HostPattern;
+pub use units::{ByteRate, HumanDuration, PortRange};
+
+/// The documented default configuration, compiled in so `veilgate` runs with no file.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/veilgate.toml");
+
+/// A configuration that could not be loaded. The message names the key and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, a key is unknown, or a value has the wrong type or form.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// The file, or "embedded defaults".
+        origin: String,
+        /// The parser's message, which points at the key's line.
+        message: String,
+    },
+    /// A value is well-formed but not acceptable.
+    #[error("{origin}: key `{key}`: {problem}")]
+    Invalid {
+        /// The file, or "embedded defaults".
+        origin: String,
+        /// Dotted key path, e.g. `limits.per_client.new_tunnels_burst`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listeners, timeouts and size caps.
+    pub server: ServerConfig,
+    /// Tunnel caps, rates and bandwidth.
+    pub limits: LimitsConfig,
+    /// Which destinations may be reached.
+    pub policy: PolicyConfig,
+    /// How target names are resolved.
+    pub dns: DnsConfig,
+    /// Optional proxy authentication.
+    pub auth: Option<AuthConfig>,
+    /// Per-destination mode and limits; first match wins, default mode `tunnel`.
+    pub routes: Vec<RouteConfig>,
+    /// Log format and privacy.
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Proxy listeners (IPv4 or IPv6).
+    pub listen: Vec<SocketAddr>,
+    /// Admin listener for /healthz, /readyz and /metrics; never the proxy port.
+    pub admin_listen: Option<SocketAddr>,
+    /// Cap on the CONNECT head; past it the client gets 431.
+    pub max_header_bytes: usize,
+    /// Deadline for the whole CONNECT head (slowloris guard); past it, 408.
+    pub header_timeout: HumanDuration,
+    /// Deadline to connect upstream, all addresses together; past it, 504.
+    pub connect_timeout: HumanDuration,
+    /// A tunnel that moves no byte either way for this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// On SIGTERM, how long running tunnels may finish before they are closed.
+    pub drain_timeout: HumanDuration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            max_header_bytes: 8192,
+            header_timeout: HumanDuration(Duration::from_secs(10)),
+            connect_timeout: HumanDuration(Duration::from_secs(5)),
+            idle_timeout: HumanDuration(Duration::from_secs(300)),
+            drain_timeout: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// `[limits]`: every limit is optional; absent means unlimited.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Global cap on concurrent tunnels (503 past it).
+    pub max_tunnels: Option<u32>,
+    /// Global bandwidth, each direction.
+    pub bandwidth: Option<ByteRate>,
+    /// Limits applied to each client separately.
+    pub per_client: PerClientLimits,
+}
+
+/// `[limits.per_client]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PerClientLimits {
+    /// Concurrent tunnels per client (429 past it).
+    pub max_tunnels: Option<u32>,
+    /// New tunnels per second per client (GCRA; 429 with Retry-After past it).
+    pub new_tunnels_per_second: Option<NonZeroU32>,
+    /// Burst for `new_tunnels_per_second`; defaults to the rate itself.
+    pub new_tunnels_burst: Option<NonZeroU32>,
+    /// Client to origin, shared by all of the client's tunnels.
+    pub bandwidth_up: Option<ByteRate>,
+    /// Origin to client, shared by all of the client's tunnels.
+    pub bandwidth_down: Option<ByteRate>,
+    /// An IPv6 client is identified by this prefix so one host cannot mint fresh buckets.
+    pub ipv6_prefix: u8,
+}
+
+impl Default for PerClientLimits {
+    fn default() -> Self {
+        PerClientLimits {
+            max_tunnels: None,
+            new_tunnels_per_second: None,
+            new_tunnels_burst: None,
+            bandwidth_up: None,
+            bandwidth_down: None,
+            ipv6_prefix: 64,
+        }
+    }
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Ports a CONNECT may name; a port or `"FIRST-LAST"`.
+    pub allowed_ports: Vec<PortRange>,
+    /// Deny loopback, private, CGNAT, link-local, ULA, multicast and IPv4-embedding forms.
+    pub deny_private: bool,
+    /// When not empty, only names matching one of these may be reached.
+    pub allow_hosts: Vec<HostPattern>,
+    /// Names never reached.
+    pub deny_hosts: Vec<HostPattern>,
+    /// When not empty, only addresses inside these are reached; they are exempt from
+    /// `deny_private`, so this is how an operator opens one internal range on purpose.
+    pub allow_cidrs: Vec<IpNet>,
+    /// Addresses never reached, whatever else says.
+    pub deny_cidrs: Vec<IpNet>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            allowed_ports: vec![PortRange {
+                start: 443,
+                end: 443,
+            }],
+            deny_private: true,
+            allow_hosts: Vec::new(),
+            deny_hosts: Vec::new(),
+            allow_cidrs: Vec::new(),
+            deny_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// `[dns]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Resolvers to ask (UDP then TCP). Empty: the system's resolver configuration.
+    pub servers: Vec<SocketAddr>,
+    /// Static entries answered without a query: name to one address or a list.
+    pub hosts: BTreeMap<String, HostAddrs>,
+    /// Deadline for one name lookup; past it, 502.
+    pub timeout: HumanDuration,
+    /// Entries in the resolver's cache.
+    pub cache_size: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            servers: Vec::new(),
+            hosts: BTreeMap::new(),
+            timeout: HumanDuration(Duration::from_secs(5)),
+            cache_size: 4096,
+        }
+    }
+}
+
+/// A static `[dns] hosts` value: one address or several.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum HostAddrs {
+    /// `"127.0.0.1"`
+    One(IpAddr),
+    /// `["127.0.0.1", "::1"]`
+    Many(Vec<IpAddr>),
+}
+
+impl HostAddrs {
+    /// The addresses in order.
+    pub fn to_vec(&self) -> Vec<IpAddr> {
+        match self {
+            HostAddrs::One(ip) => vec![*ip],
+            HostAddrs::Many(ips) => ips.clone(),
+        }
+    }
+}
+
+/// `[auth]`: with it, every client must send `Proxy-Authorization: Basic`, and per-client
+/// limits are keyed by user instead of address.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// htpasswd-style file of `user:bcrypt-hash` lines.
+    pub credentials_file: PathBuf,
+    /// Realm named in `Proxy-Authenticate`.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+}
+
+fn default_realm() -> String {
+    "veilgate".to_string()
+}
+
+/// What veilgate does with a destination.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Blind byte relay: the default.
+    #[default]
+    Tunnel,
+    /// Refuse with 403.
+    Deny,
+}
+
+impl Mode {
+    /// Metric and log label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Tunnel => "tunnel",
+            Mode::Deny => "deny",
+        }
+    }
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Destinations this route covers.
+    pub hosts: Vec<HostPattern>,
+    /// What to do with them.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Per-client limits for these destinations, counted apart from the client's others.
+    #[serde(default)]
+    pub per_client: Option<RouteLimits>,
+}
+
+/// `[routes.per_client]`: limits a route sets for its own destinations.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteLimits {
+    /// Concurrent tunnels per client to this route's destinations.
+    pub max_tunnels: Option<u32>,
+    /// Client to origin, per client, for this route.
+    pub bandwidth_up: Option<ByteRate>,
+    /// Origin to client, per client, for this route.
+    pub bandwidth_down: Option<ByteRate>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// How much of the client's address logs may carry.
+    pub client_address: ClientAddressLog,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Client address in logs: privacy by default.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAddressLog {
+    /// Never logged.
+    #[default]
+    Omit,
+    /// IPv4 cut to /24, IPv6 to /48.
+    Truncate,
+    /// Logged as is.
+    Full,
+}
+
+impl Config {
+    /// Parses and validates TOML text. `origin` names the source in error messages.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The embedded defaults.
+    pub fn embedded() -> Config {
+        // The embedded file is checked by a unit test, so this cannot fail in a release.
+        Config::from_toml(DEFAULT_CONFIG, "embedded defaults")
+            .expect("embedded default config is valid")
+    }
+
+    /// The rules that span keys or that serde cannot express.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            problem,
+        };
+        let s = &self.server;
+        if s.listen.is_empty() {
+            return Err(invalid(
+                "server.listen",
+                "at least one listen address is needed".into(),
+            ));
+        }
+        for (i, a) in s.listen.iter().enumerate() {
+            if s.listen[..i].contains(a) && a.port() != 0 {
+                return Err(invalid("server.listen", format!("{a} is listed twice")));
+            }
+            if Some(*a) == s.admin_listen && a.port() != 0 {
+                return Err(invalid(
+                    "server.admin_listen",
+                    format!("{a} is also a proxy listener; the admin listener must be separate"),
+                ));
+            }
+        }
+        if !(256..=1 << 20).contains(&s.max_header_bytes) {
+            return Err(invalid(
+                "server.max_header_bytes",
+                format!("{} is outside 256..=1048576", s.max_header_bytes),
+            ));
+        }
+        for (key, d) in [
+            ("server.header_timeout", s.header_timeout),
+            ("server.connect_timeout", s.connect_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+            ("dns.timeout", self.dns.timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err(invalid(key, "must be longer than zero".into()));
+            }
+        }
+        let l = &self.limits;
+        if l.max_tunnels == Some(0) {
+            return Err(invalid(
+                "limits.max_tunnels",
+                "0 would refuse every tunnel; remove the key for no cap".into(),
+            ));
+        }
+        let pc = &l.per_client;
+        if pc.max_tunnels == Some(0) {
+            return Err(invalid(
+                "limits.per_client.max_tunnels",
+                "0 would refuse every tunnel; remove the key for no cap".into(),
+            ));
+        }
+        if pc.new_tunnels_burst.is_some() && pc.new_tunnels_per_second.is_none() {
+            return Err(invalid(
+                "limits.per_client.new_tunnels_burst",
+                "needs limits.per_client.new_tunnels_per_second".into(),
+            ));
+        }
+        if !(1..=128).contains(&pc.ipv6_prefix) {
+            return Err(invalid(
+                "limits.per_client.ipv6_prefix",
+                format!("{} is outside 1..=128", pc.ipv6_prefix),
+            ));
+        }
+        if self.policy.allowed_ports.is_empty() {
+            return Err(invalid(
+                "policy.allowed_ports",
+                "at least one port is needed, e.g. [443]".into(),
+            ));
+        }
+        for name in self.dns.hosts.keys() {
+            if HostPattern::parse(name)
+                .map(|p| !matches!(p, HostPattern::Exact(_)))
+                .unwrap_or(true)
+            {
+                return Err(invalid("dns.hosts", format!("{name:?} is not a host name")));
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.hosts.is_empty() {
+                return Err(invalid(
+                    &format!("routes[{i}].hosts"),
+                    "a route needs at least one host pattern".into(),
+                ));
+            }
+            if let Some(rl) = &route.per_client {
+                if rl.max_tunnels == Some(0) {
+                    return Err(invalid(
+                        &format!("routes[{i}].per_client.max_tunnels"),
+                        "0 would refuse every tunnel; use mode = \"deny\"".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(auth) = &self.auth {
+            if auth.realm.contains('"') || auth.realm.chars().any(|c| c.is_control()) {
+                return Err(invalid(
+                    "auth.realm",
+                    "may not contain quotes or control characters".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (for `check-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_file_equals_the_code_defaults() {
+        let from_file = Config::from_toml(DEFAULT_CONFIG, "embedded").unwrap();
+        assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = Config::embedded();
+        let again = Config::from_toml(&c.to_toml(), "rendered").unwrap();
+        assert_eq!(c, again);
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err("[server]\nheader_timeout = \"10x\"").contains("header_timeout"));
+        assert!(err("[server]\nlisten = []").contains("server.listen"));
+        assert!(err("[server]\nbogus = 1").contains("bogus"));
+        assert!(
+            err("[limits.per_client]\nnew_tunnels_burst = 5")
+                .contains("limits.per_client.new_tunnels_burst")
+        );
+        assert!(err("[limits.per_client]\nbandwidth_up = \"5 furlongs\"").contains("bandwidth_up"));
+        assert!(err("[policy]\nallowed_ports = [70000]").contains("allowed_ports"));
+        assert!(err("[policy]\ndeny_cidrs = [\"10.0.0.0/33\"]").contains("deny_cidrs"));
+    }
+}

@@ -1,0 +1,219 @@
+//! The CONNECT head: read under a size cap and a deadline, parse with `httparse`, and keep
+//! every byte read past the head (a pipelined ClientHello) so it goes upstream first.
+//!
+//! [`parse_head`] is pure (bytes in, verdict out) so it can be fuzzed and property-tested;
+//! [`read_head`] adds the socket, the cap and the clock.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::error::Refusal;
+use crate::target::{Target, TargetError};
+
+/// Most header lines accepted; more is treated like an oversized head (431).
+pub const MAX_HEADERS: usize = 64;
+
+/// A complete, valid CONNECT request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// Where the client wants to go.
+    pub target: Target,
+    /// HTTP minor version (0 or 1), echoed in our reply.
+    pub minor_version: u8,
+    /// The raw `Proxy-Authorization` value, if any. Never forwarded, never logged.
+    pub proxy_authorization: Option<Vec<u8>>,
+    /// Bytes the client sent after the head; they go upstream before anything else.
+    pub leftover: Vec<u8>,
+}
+
+/// The outcome of parsing the bytes received so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// More bytes are needed.
+    Partial,
+    /// A CONNECT request; its head was this many bytes long.
+    Complete(ConnectRequest),
+}
+
+/// Parses a head from `buf`. `Partial` means "read more"; refusals carry their status.
+pub fn parse_head(buf: &[u8]) -> Result<Parsed, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            // A method we will refuse anyway is refused as soon as it is known, so a client
+            // that sends a GET without finishing its head still gets its 405 now.
+            return match req.method {
+                Some(m) if m != "CONNECT" && buf.contains(&b' ') => Err(Refusal::MethodNotAllowed),
+                _ => Ok(Parsed::Partial),
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::HeaderTooLarge),
+        Err(e) => {
+            return Err(Refusal::BadRequest(match e {
+                httparse::Error::Version => "unsupported HTTP version",
+                httparse::Error::Token | httparse::Error::HeaderName => {
+                    "malformed header name or method"
+                }
+                httparse::Error::HeaderValue => "malformed header value",
+                httparse::Error::NewLine => "malformed line ending",
+                _ => "malformed request line",
+            }));
+        }
+    };
+    let method = req.method.unwrap_or_default();
+    if method != "CONNECT" {
+        return Err(Refusal::MethodNotAllowed);
+    }
+    let authority = req.path.unwrap_or_default();
+    let target = Target::parse(authority).map_err(|e| {
+        Refusal::BadRequest(match e {
+            TargetError::MissingPort => "target has no port",
+            TargetError::BadPort => "target port is not in 1-65535",
+            TargetError::Userinfo => "target carries userinfo",
+            TargetError::BadHost => "target host is malformed",
+        })
+    })?;
+    let proxy_authorization = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
+        .map(|h| h.value.to_vec());
+    Ok(Parsed::Complete(ConnectRequest {
+        target,
+        minor_version: req.version.unwrap_or(1),
+        proxy_authorization,
+        leftover: buf[head_len..].to_vec(),
+    }))
+}
+
+/// Why no request came out of the socket.
+#[derive(Debug)]
+pub enum HeadError {
+    /// Answer the client with this refusal.
+    Refuse(Refusal),
+    /// The client went away before a complete head; there is nobody to answer.
+    Closed,
+}
+
+/// Reads one CONNECT head: at most `max_bytes` bytes, all within `deadline`.
+pub async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max_bytes: usize,
+    deadline: Duration,
+) -> Result<ConnectRequest, HeadError> {
+    let read = async {
+        // One read may bring the head and the start of the client's payload; reserve room
+        // for a typical ClientHello beyond the cap so it is kept, not re-read.
+        let mut buf = Vec::with_capacity(max_bytes.min(4096));
+        let mut chunk = [0u8; 2048];
+        loop {
+            let room = (max_bytes + chunk.len())
+                .saturating_sub(buf.len())
+                .min(chunk.len());
+            let n = match io.read(&mut chunk[..room]).await {
+                Ok(0) | Err(_) => return Err(HeadError::Closed),
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            match parse_head(&buf) {
+                Ok(Parsed::Complete(req)) => {
+                    let head_len = buf.len() - req.leftover.len();
+                    if head_len > max_bytes {
+                        return Err(HeadError::Refuse(Refusal::HeaderTooLarge));
+                    }
+                    return Ok(req);
+                }
+                Ok(Parsed::Partial) if buf.len() >= max_bytes => {
+                    return Err(HeadError::Refuse(Refusal::HeaderTooLarge));
+                }
+                Ok(Parsed::Partial) => {}
+                Err(refusal) => return Err(HeadError::Refuse(refusal)),
+            }
+        }
+    };
+    match tokio::time::timeout(deadline, read).await {
+        Ok(result) => result,
+        Err(_) => Err(HeadError::Refuse(Refusal::HeaderTimeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::Host;
+
+    fn complete(buf: &[u8]) -> ConnectRequest {
+        match parse_head(buf) {
+            Ok(Parsed::Complete(r)) => r,
+            other => panic!("expected a request, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_connect_and_keeps_leftover() {
+        let r = complete(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nProxy-Authorization: Basic abc\r\n\r\n\x16\x03\x01");
+        assert_eq!(r.target.host, Host::Name("example.com".into()));
+        assert_eq!(r.minor_version, 1);
+        assert_eq!(r.proxy_authorization.as_deref(), Some(&b"Basic abc"[..]));
+        assert_eq!(r.leftover, b"\x16\x03\x01");
+        assert_eq!(
+            complete(b"CONNECT [::1]:443 HTTP/1.0\r\n\r\n").minor_version,
+            0
+        );
+    }
+
+    #[test]
+    fn partial_heads_ask_for_more() {
+        assert_eq!(
+            parse_head(b"CONNECT example.com:443 HTTP/1.1\r\nHost: x"),
+            Ok(Parsed::Partial)
+        );
+        assert_eq!(parse_head(b"CONN"), Ok(Parsed::Partial));
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\n\r\n"),
+            Err(Refusal::MethodNotAllowed)
+        );
+        assert_eq!(
+            parse_head(b"GET http://x/ HTTP/1.1\r\nHost: x"),
+            Err(Refusal::MethodNotAllowed)
+        );
+        assert!(matches!(
+            parse_head(b"CONNECT example.com HTTP/1.1\r\n\r\n"),
+            Err(Refusal::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_head(b"CONNECT a:1 HTTP/2.0\r\n\r\n"),
+            Err(Refusal::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_head(b"CONNECT a:1 HTTP/1.1\r\nBad Header: x\r\n\r\n"),
+            Err(Refusal::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_head(b"CONNECT a:1 HTTP/1.1\r\nX: a\0b\r\n\r\n"),
+            Err(Refusal::BadRequest(_))
+        ));
+        let many: String = (0..70).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(
+            parse_head(format!("CONNECT a:1 HTTP/1.1\r\n{many}\r\n").as_bytes()),
+            Err(Refusal::HeaderTooLarge)
+        );
+    }
+
+    #[tokio::test]
+    async fn head_over_the_cap_is_431() {
+        let big = format!("CONNECT a:443 HTTP/1.1\r\nX: {}\r\n\r\n", "v".repeat(9000));
+        let mut io = big.as_bytes();
+        let err = read_head(&mut io, 8192, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, HeadError::Refuse(Refusal::HeaderTooLarge)));
+    }
+}

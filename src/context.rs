@@ -1,0 +1,97 @@
+//! What every tunnel of one proxy shares: the current configuration and what is compiled
+//! from it (swapped whole on reload), the governor, the metrics, and the shutdown tokens.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Auth, AuthError};
+use crate::config::{ClientAddressLog, Config};
+use crate::dial::Resolver;
+use crate::limits::Governor;
+use crate::metrics::Metrics;
+use crate::policy::Acl;
+
+/// The configuration and what is compiled from it. Tunnels take one snapshot when they
+/// start; a reload builds a new one and never changes a snapshot in use.
+pub struct Shared {
+    /// The configuration in force.
+    pub config: Config,
+    /// `[policy]` compiled, with the proxy's own addresses.
+    pub acl: Acl,
+    /// `[dns]`.
+    pub resolver: Resolver,
+    /// `[auth]`, when configured.
+    pub auth: Option<Auth>,
+}
+
+impl Shared {
+    /// Compiles `config`. `own` are the bound listener addresses (never dialled).
+    pub fn build(config: Config, own: &[SocketAddr]) -> Result<Shared, AuthError> {
+        let auth = match &config.auth {
+            Some(a) => Some(Auth::load(&a.credentials_file, &a.realm)?),
+            None => None,
+        };
+        Ok(Shared {
+            acl: Acl::new(&config.policy, own.to_vec()),
+            resolver: Resolver::new(&config.dns),
+            auth,
+            config,
+        })
+    }
+}
+
+/// Per-proxy state.
+pub struct Context {
+    shared: ArcSwap<Shared>,
+    own: Vec<SocketAddr>,
+    /// Admission limits and byte budgets.
+    pub governor: Arc<Governor>,
+    /// This proxy's own metrics registry.
+    pub metrics: Metrics,
+    /// Client address logging, fixed at start.
+    pub log_client: ClientAddressLog,
+    /// Cancelled when the drain begins: stop accepting, close connections still in their head.
+    pub draining: CancellationToken,
+    /// Cancelled when the drain deadline passes: close every tunnel.
+    pub stop: CancellationToken,
+}
+
+impl Context {
+    /// Builds the context for bound listeners.
+    pub fn new(shared: Shared, own: Vec<SocketAddr>, listeners: &[SocketAddr]) -> Context {
+        Context {
+            governor: Governor::new(&shared.config),
+            metrics: Metrics::new(listeners),
+            log_client: shared.config.log.client_address,
+            shared: ArcSwap::from_pointee(shared),
+            own,
+            draining: CancellationToken::new(),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// The current snapshot.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.load_full()
+    }
+
+    /// Applies a new configuration to new tunnels at once and to running tunnels' byte
+    /// budgets at their next chunk. Listener addresses cannot change without a restart.
+    pub fn reload(&self, config: Config) -> Result<(), AuthError> {
+        let old = self.shared.load();
+        if old.config.server.listen != config.server.listen
+            || old.config.server.admin_listen != config.server.admin_listen
+        {
+            tracing::warn!(
+                "server.listen and server.admin_listen changes take effect only after a restart"
+            );
+        }
+        let next = Shared::build(config, &self.own)?;
+        self.governor.update(&next.config);
+        self.shared.store(Arc::new(next));
+        Ok(())
+    }
+}

@@ -1,0 +1,154 @@
+//! Why a tunnel was refused. Each refusal has one HTTP status, one metric label and one
+//! short text; the table in README.md ("Answers on the wire") is this file in prose.
+
+use std::time::Duration;
+
+/// A request veilgate answers with an error status instead of a tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Malformed request line, headers or target (400).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// Any method but CONNECT (405).
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Proxy authentication missing or wrong (407).
+    #[error("proxy authentication required")]
+    AuthRequired,
+    /// The head did not arrive within `header_timeout` (408).
+    #[error("request head timed out")]
+    HeaderTimeout,
+    /// The head is larger than `max_header_bytes` or has too many headers (431).
+    #[error("request head too large")]
+    HeaderTooLarge,
+    /// Port not in `allowed_ports` (403).
+    #[error("port not allowed")]
+    PortDenied,
+    /// Host matched `deny_hosts`, or missed a non-empty `allow_hosts` (403).
+    #[error("host not allowed")]
+    HostDenied,
+    /// Address private, denied by CIDR, or one of the proxy's own (403).
+    #[error("address not allowed")]
+    AddressDenied,
+    /// A route with `mode = "deny"` (403).
+    #[error("route denies this destination")]
+    RouteDenied,
+    /// Per-client concurrent tunnel cap (429).
+    #[error("too many tunnels for this client")]
+    ClientCap,
+    /// A route's per-client tunnel cap (429).
+    #[error("too many tunnels for this client on this route")]
+    RouteCap,
+    /// Per-client new-tunnel rate (429 with Retry-After).
+    #[error("new tunnels arriving too fast for this client")]
+    ClientRate {
+        /// When the client may try again.
+        retry_after: Duration,
+    },
+    /// Global tunnel cap (503).
+    #[error("proxy at its tunnel capacity")]
+    GlobalCap,
+    /// The name does not resolve, or the lookup failed (502).
+    #[error("name does not resolve")]
+    DnsFailed,
+    /// Upstream refused or unreachable (502).
+    #[error("upstream connection failed")]
+    UpstreamFailed,
+    /// Upstream connect did not finish within `connect_timeout` (504).
+    #[error("upstream connection timed out")]
+    UpstreamTimeout,
+}
+
+impl Refusal {
+    /// Every metric label, so counters can be registered (at zero) before the first refusal.
+    pub const REASONS: [&'static str; 16] = [
+        "bad_request",
+        "method_not_allowed",
+        "auth_required",
+        "header_timeout",
+        "header_too_large",
+        "port_denied",
+        "host_denied",
+        "address_denied",
+        "route_denied",
+        "client_cap",
+        "route_cap",
+        "client_rate",
+        "global_cap",
+        "dns_failed",
+        "upstream_failed",
+        "upstream_timeout",
+    ];
+
+    /// HTTP status code.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::BadRequest(_) => 400,
+            Refusal::MethodNotAllowed => 405,
+            Refusal::AuthRequired => 407,
+            Refusal::HeaderTimeout => 408,
+            Refusal::HeaderTooLarge => 431,
+            Refusal::PortDenied
+            | Refusal::HostDenied
+            | Refusal::AddressDenied
+            | Refusal::RouteDenied => 403,
+            Refusal::ClientCap | Refusal::RouteCap | Refusal::ClientRate { .. } => 429,
+            Refusal::GlobalCap => 503,
+            Refusal::DnsFailed | Refusal::UpstreamFailed => 502,
+            Refusal::UpstreamTimeout => 504,
+        }
+    }
+
+    /// Metric label (`refusals_total{reason}`) and log field; one of [`Refusal::REASONS`].
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::BadRequest(_) => "bad_request",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::AuthRequired => "auth_required",
+            Refusal::HeaderTimeout => "header_timeout",
+            Refusal::HeaderTooLarge => "header_too_large",
+            Refusal::PortDenied => "port_denied",
+            Refusal::HostDenied => "host_denied",
+            Refusal::AddressDenied => "address_denied",
+            Refusal::RouteDenied => "route_denied",
+            Refusal::ClientCap => "client_cap",
+            Refusal::RouteCap => "route_cap",
+            Refusal::ClientRate { .. } => "client_rate",
+            Refusal::GlobalCap => "global_cap",
+            Refusal::DnsFailed => "dns_failed",
+            Refusal::UpstreamFailed => "upstream_failed",
+            Refusal::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_is_listed() {
+        let all = [
+            Refusal::BadRequest("x"),
+            Refusal::MethodNotAllowed,
+            Refusal::AuthRequired,
+            Refusal::HeaderTimeout,
+            Refusal::HeaderTooLarge,
+            Refusal::PortDenied,
+            Refusal::HostDenied,
+            Refusal::AddressDenied,
+            Refusal::RouteDenied,
+            Refusal::ClientCap,
+            Refusal::RouteCap,
+            Refusal::ClientRate {
+                retry_after: Duration::from_secs(1),
+            },
+            Refusal::GlobalCap,
+            Refusal::DnsFailed,
+            Refusal::UpstreamFailed,
+            Refusal::UpstreamTimeout,
+        ];
+        let labels: Vec<_> = all.iter().map(Refusal::reason).collect();
+        assert_eq!(labels, Refusal::REASONS);
+    }
+}

@@ -1,0 +1,37 @@
+//! veilgate: a CONNECT-only forward proxy that hides client addresses from origins and holds
+//! every client to connection and bandwidth limits.
+//!
+//! # Layout
+//! One tunnel's life (DESIGN §1), each step in its own module:
+//!
+//! - [`server`]: listeners, accept loop, drain; [`Proxy`] is the entry point.
+//! - [`tunnel`]: sequences the phases for one connection and reports its outcome once.
+//! - [`connect`]: the CONNECT head (size cap, deadline, `httparse`); [`target`]: `host:port`.
+//! - [`auth`]: optional `Proxy-Authorization: Basic`.
+//! - [`limits`]: the governor: tunnel caps, new-tunnel rate, byte budgets.
+//! - [`policy`]: ports, host patterns, CIDRs, private ranges; the route table.
+//! - [`dial`]: resolve at the proxy, check every address, happy-eyeballs connect.
+//! - [`relay`]: the byte-copy hot path, which knows nothing of policy or metrics.
+//! - [`metrics`], [`admin`]: Prometheus registry and the admin listener.
+//! - [`config`], [`cli`], [`context`], [`error`], [`reply`]: the rest.
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod connect;
+pub mod context;
+pub mod dial;
+pub mod error;
+pub mod limits;
+pub mod metrics;
+pub mod policy;
+pub mod relay;
+pub mod reply;
+pub mod server;
+pub mod target;
+pub mod tunnel;
+
+pub use config::Config;
+pub use server::{Controller, Proxy, StartError};

@@ -1,0 +1,133 @@
+//! The veilgate binary: parse the command line, set up logging, load the configuration,
+//! bind, and run until a signal. Everything else is in the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+use veilgate::cli::{Cli, Command, RunArgs};
+use veilgate::config::{DEFAULT_CONFIG, LogFormat};
+use veilgate::{Controller, Proxy};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::PrintDefaultConfig) => {
+            print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
+        Some(Command::CheckConfig(arg)) => {
+            let args = RunArgs {
+                config: arg,
+                listen: vec![],
+                admin_listen: None,
+                log_format: None,
+            };
+            match args.load() {
+                Ok(config) => {
+                    print!("{}", config.to_toml());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("veilgate: invalid configuration: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Run(args)) => run(args),
+        None => run(cli.run),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("veilgate: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(config.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("veilgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config, args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("veilgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: veilgate::Config, args: RunArgs) -> anyhow::Result<()> {
+    let proxy = Proxy::bind(config).await.context("starting veilgate")?;
+    info!(version = env!("CARGO_PKG_VERSION"), listen = ?proxy.proxy_addrs(), admin = ?proxy.admin_addr(), "veilgate started");
+    let controller = proxy.controller();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(reload_on_hup(hup, controller, args));
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: draining"),
+            _ = int.recv() => info!("SIGINT: draining"),
+        }
+        // A second signal means "now": exit without waiting for the drain.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            warn!("second signal: exiting without finishing the drain");
+            std::process::exit(1);
+        });
+    };
+    proxy.run(shutdown).await;
+    Ok(())
+}
+
+/// SIGHUP: reload the same file with the same command-line overrides. An invalid file is
+/// logged and counted, and the running configuration stays.
+async fn reload_on_hup(
+    mut hup: tokio::signal::unix::Signal,
+    controller: Controller,
+    args: RunArgs,
+) {
+    while hup.recv().await.is_some() {
+        match args.load() {
+            Ok(config) => match controller.reload(config) {
+                Ok(()) => info!("SIGHUP: configuration reloaded"),
+                Err(e) => {
+                    error!(error = %e, "SIGHUP: reload failed; keeping the running configuration")
+                }
+            },
+            Err(e) => {
+                controller.reload_failed();
+                error!(error = %e, "SIGHUP: invalid configuration; keeping the running one");
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("VEILGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

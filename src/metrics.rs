@@ -1,0 +1,343 @@
+//! Prometheus metrics (DESIGN §6). Each proxy owns its recorder, so two proxies in one
+//! process (tests) never share counters. Every label comes from a small closed set and every
+//! handle is registered at start-up: the hot path only increments atomics, and dashboards see
+//! zeros instead of missing series.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::config::Mode;
+use crate::error::Refusal;
+use crate::limits::{Direction, Scope};
+
+/// Modes that carry traffic (a `deny` route never makes a tunnel).
+pub const MODES: [Mode; 1] = [Mode::Tunnel];
+/// Tunnel outcomes (`tunnels_total{outcome}`).
+pub const OUTCOMES: [&str; 4] = ["closed", "idle_timeout", "error", "shutdown"];
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+];
+const CONNECT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The handles of one proxy instance.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    accepted: HashMap<SocketAddr, Counter>,
+    tunnels_active: HashMap<&'static str, Gauge>,
+    tunnels_total: HashMap<(&'static str, &'static str), Counter>,
+    refusals: HashMap<&'static str, Counter>,
+    bytes: HashMap<(&'static str, &'static str), Counter>,
+    throttle_wait: HashMap<(&'static str, &'static str), Gauge>,
+    /// Tunnel lifetime in seconds.
+    pub tunnel_duration: Histogram,
+    /// Upstream connect time in seconds.
+    pub upstream_connect: Histogram,
+    /// DNS lookup time in seconds (only lookups that asked a resolver).
+    pub dns_lookup: Histogram,
+    limiter_keys: HashMap<&'static str, Gauge>,
+    config_reloads: HashMap<&'static str, Counter>,
+}
+
+struct Reg<'a> {
+    rec: &'a PrometheusRecorder,
+}
+
+impl Reg<'_> {
+    fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+        Key::from_parts(
+            name,
+            labels
+                .iter()
+                .map(|(k, v)| Label::new(*k, *v))
+                .collect::<Vec<_>>(),
+        )
+    }
+    fn meta() -> Metadata<'static> {
+        Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()))
+    }
+    fn counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Counter {
+        self.rec.describe_counter(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
+        self.rec
+            .register_counter(&Self::key(name, labels), &Self::meta())
+    }
+    fn counter_owned(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        label: (&'static str, String),
+    ) -> Counter {
+        self.rec.describe_counter(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
+        self.rec.register_counter(
+            &Key::from_parts(name, vec![Label::new(label.0, label.1)]),
+            &Self::meta(),
+        )
+    }
+    fn gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Gauge {
+        self.rec.describe_gauge(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
+        self.rec
+            .register_gauge(&Self::key(name, labels), &Self::meta())
+    }
+    fn histogram(&self, name: &'static str, help: &'static str) -> Histogram {
+        self.rec.describe_histogram(
+            KeyName::from_const_str(name),
+            Some(Unit::Seconds),
+            SharedString::const_str(help),
+        );
+        self.rec
+            .register_histogram(&Self::key(name, &[]), &Self::meta())
+    }
+}
+
+impl Metrics {
+    /// Builds the recorder and registers every series for these listeners.
+    pub fn new(listeners: &[SocketAddr]) -> Metrics {
+        let rec = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("veilgate_tunnel_duration_seconds".into()),
+                DURATION_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Suffix("connect_duration_seconds".into()),
+                    CONNECT_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Suffix("lookup_duration_seconds".into()),
+                    CONNECT_BUCKETS,
+                )
+            })
+            .expect("bucket lists are not empty")
+            .build_recorder();
+        let r = Reg { rec: &rec };
+        let modes: Vec<&'static str> = MODES.iter().map(|m| m.as_str()).collect();
+        let dirs = [Direction::Up.as_str(), Direction::Down.as_str()];
+        let mut m = Metrics {
+            handle: rec.handle(),
+            accepted: listeners
+                .iter()
+                .map(|l| {
+                    (
+                        *l,
+                        r.counter_owned(
+                            "veilgate_connections_accepted_total",
+                            "Client connections accepted, by listener.",
+                            ("listener", l.to_string()),
+                        ),
+                    )
+                })
+                .collect(),
+            tunnels_active: modes
+                .iter()
+                .map(|m| {
+                    (
+                        *m,
+                        r.gauge(
+                            "veilgate_tunnels_active",
+                            "Tunnels open now, by mode.",
+                            &[("mode", m)],
+                        ),
+                    )
+                })
+                .collect(),
+            tunnels_total: HashMap::new(),
+            refusals: Refusal::REASONS
+                .iter()
+                .map(|reason| {
+                    (
+                        *reason,
+                        r.counter(
+                            "veilgate_refusals_total",
+                            "Requests refused with an error status, by reason.",
+                            &[("reason", reason)],
+                        ),
+                    )
+                })
+                .collect(),
+            bytes: HashMap::new(),
+            throttle_wait: HashMap::new(),
+            tunnel_duration: r.histogram(
+                "veilgate_tunnel_duration_seconds",
+                "Tunnel lifetime from 200 to close.",
+            ),
+            upstream_connect: r.histogram(
+                "veilgate_upstream_connect_duration_seconds",
+                "Time to connect to the upstream (happy eyeballs, all attempts).",
+            ),
+            dns_lookup: r.histogram(
+                "veilgate_dns_lookup_duration_seconds",
+                "Time of DNS lookups that asked a resolver.",
+            ),
+            limiter_keys: ["clients", "new_tunnel_rate"]
+                .iter()
+                .map(|l| {
+                    (
+                        *l,
+                        r.gauge(
+                            "veilgate_limiter_keys",
+                            "Keys tracked by a limiter (per-client state).",
+                            &[("limiter", l)],
+                        ),
+                    )
+                })
+                .collect(),
+            config_reloads: ["ok", "error"]
+                .iter()
+                .map(|res| {
+                    (
+                        *res,
+                        r.counter(
+                            "veilgate_config_reloads_total",
+                            "Configuration reloads, by result.",
+                            &[("result", res)],
+                        ),
+                    )
+                })
+                .collect(),
+        };
+        for mode in &modes {
+            for outcome in OUTCOMES {
+                let c = r.counter(
+                    "veilgate_tunnels_total",
+                    "Tunnels ended, by mode and outcome.",
+                    &[("mode", mode), ("outcome", outcome)],
+                );
+                m.tunnels_total.insert((mode, outcome), c);
+            }
+            for dir in dirs {
+                let c = r.counter(
+                    "veilgate_tunnel_bytes_total",
+                    "Bytes relayed through tunnels, by mode and direction (up = client to origin).",
+                    &[("mode", mode), ("direction", dir)],
+                );
+                m.bytes.insert((mode, dir), c);
+            }
+        }
+        for scope in Scope::ALL {
+            for dir in dirs {
+                // Seconds are fractional and `metrics` counters are integers, so this is a gauge
+                // that only grows: use rate() on it like a counter.
+                let c = r.gauge(
+                    "veilgate_throttle_wait_seconds",
+                    "Cumulative seconds tunnels spent waiting for bandwidth budget, by scope and direction (only grows).",
+                    &[("scope", scope.as_str()), ("direction", dir)],
+                );
+                m.throttle_wait.insert((scope.as_str(), dir), c);
+            }
+        }
+        r.gauge(
+            "veilgate_build_info",
+            "Build information; the value is always 1.",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+        )
+        .set(1.0);
+        m
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Periodic upkeep the exporter needs (histogram maintenance).
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// A connection was accepted on `listener`.
+    pub fn accepted(&self, listener: SocketAddr) {
+        if let Some(c) = self.accepted.get(&listener) {
+            c.increment(1);
+        }
+    }
+
+    /// A request was refused.
+    pub fn refused(&self, r: &Refusal) {
+        if let Some(c) = self.refusals.get(r.reason()) {
+            c.increment(1);
+        }
+    }
+
+    /// The active-tunnel gauge for a mode.
+    pub fn tunnels_active(&self, mode: Mode) -> Gauge {
+        self.tunnels_active
+            .get(mode.as_str())
+            .cloned()
+            .unwrap_or_else(Gauge::noop)
+    }
+
+    /// A tunnel ended.
+    pub fn tunnel_ended(&self, mode: Mode, outcome: &'static str, duration: Duration) {
+        if let Some(c) = self.tunnels_total.get(&(mode.as_str(), outcome)) {
+            c.increment(1);
+        }
+        self.tunnel_duration.record(duration.as_secs_f64());
+    }
+
+    /// The byte counter for a mode and direction (cloned into the tunnel's flows).
+    pub fn bytes(&self, mode: Mode, dir: Direction) -> Counter {
+        self.bytes
+            .get(&(mode.as_str(), dir.as_str()))
+            .cloned()
+            .unwrap_or_else(Counter::noop)
+    }
+
+    /// The throttle-wait accumulator for a scope and direction.
+    pub fn throttle_wait(&self, scope: Scope, dir: Direction) -> Gauge {
+        self.throttle_wait
+            .get(&(scope.as_str(), dir.as_str()))
+            .cloned()
+            .unwrap_or_else(Gauge::noop)
+    }
+
+    /// Sets the tracked-keys gauges.
+    pub fn limiter_keys(&self, clients: usize, rate: usize) {
+        if let Some(g) = self.limiter_keys.get("clients") {
+            g.set(clients as f64);
+        }
+        if let Some(g) = self.limiter_keys.get("new_tunnel_rate") {
+            g.set(rate as f64);
+        }
+    }
+
+    /// A reload finished.
+    pub fn config_reloaded(&self, ok: bool) {
+        if let Some(c) = self.config_reloads.get(if ok { "ok" } else { "error" }) {
+            c.increment(1);
+        }
+    }
+}

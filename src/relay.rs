@@ -1,0 +1,172 @@
+//! The byte-copy hot path: two pumps, one per direction, and nothing else.
+//!
+//! The relay knows no policy and no metrics. What it needs from the layers around it comes
+//! through [`Flow`]: how large a chunk may be, a wait before each chunk is written (the
+//! throttle) and a note after it is written (the counters). With [`Flow`] implemented by a
+//! type that does nothing, that costs nothing.
+//!
+//! Half-close is kept: when one side stops sending, the other side's write half is shut down
+//! and the opposite direction carries on until it ends too. A tunnel ends when both
+//! directions have ended, when either fails, when nothing has moved for the idle timeout, or
+//! when `stop` fires (the end of a drain).
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Default chunk: large enough that bulk transfers make few system calls, small enough that
+/// an idle-then-busy tunnel does not hold much.
+pub const BUF_SIZE: usize = 32 * 1024;
+
+/// What one direction of the relay asks of, and reports to, the layers around it.
+pub trait Flow: Send {
+    /// Largest chunk to read and write at once; `None` means [`BUF_SIZE`].
+    fn max_chunk(&self) -> Option<usize> {
+        None
+    }
+    /// Called with each chunk's size after it is read and before it is written; a throttle
+    /// waits here, which in turn stops reading and lets TCP push back on the sender.
+    fn before_write(&mut self, n: usize) -> impl Future<Output = ()> + Send;
+    /// Called after a chunk is fully written.
+    fn written(&mut self, n: usize);
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both sides finished sending.
+    Done,
+    /// Nothing moved either way for the idle timeout.
+    Idle,
+    /// A read or write failed (usually a reset).
+    Error,
+    /// Closed by the proxy (end of drain).
+    Stopped,
+}
+
+impl End {
+    /// Log and metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Done => "closed",
+            End::Idle => "idle_timeout",
+            End::Error => "error",
+            End::Stopped => "shutdown",
+        }
+    }
+}
+
+/// Last time a byte moved, in milliseconds since the relay began; both pumps touch it.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Relays between `client` and `upstream` until the tunnel ends. `first_up` are bytes the
+/// client sent along with its CONNECT head; they go upstream before anything else.
+#[allow(clippy::too_many_arguments)]
+pub async fn relay<C, U, FU, FD>(
+    client: C,
+    upstream: U,
+    first_up: Vec<u8>,
+    up: &mut FU,
+    down: &mut FD,
+    idle_timeout: Duration,
+    stop: &CancellationToken,
+) -> End
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+    FU: Flow,
+    FD: Flow,
+{
+    let (mut client_r, mut client_w) = tokio::io::split(client);
+    let (mut up_r, mut up_w) = tokio::io::split(upstream);
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
+    let both = async {
+        tokio::try_join!(
+            pump(&mut client_r, &mut up_w, first_up, up, &activity),
+            pump(&mut up_r, &mut client_w, Vec::new(), down, &activity),
+        )
+    };
+    let idle = async {
+        loop {
+            let deadline = activity.last() + idle_timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        r = both => if r.is_ok() { End::Done } else { End::Error },
+        () = idle => End::Idle,
+        () = stop.cancelled() => End::Stopped,
+    }
+}
+
+async fn pump<R, W, F>(
+    r: &mut R,
+    w: &mut W,
+    first: Vec<u8>,
+    flow: &mut F,
+    activity: &Activity,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+    F: Flow,
+{
+    if !first.is_empty() {
+        for piece in first.chunks(flow.max_chunk().unwrap_or(BUF_SIZE).max(1)) {
+            flow.before_write(piece.len()).await;
+            w.write_all(piece).await?;
+            flow.written(piece.len());
+        }
+        activity.touch();
+    }
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let limit = flow.max_chunk().map_or(BUF_SIZE, |c| c.clamp(1, BUF_SIZE));
+        let n = r.read(&mut buf[..limit]).await?;
+        if n == 0 {
+            // Half-close: pass the EOF on and let the other direction finish.
+            w.shutdown().await?;
+            return Ok(());
+        }
+        activity.touch();
+        flow.before_write(n).await;
+        w.write_all(&buf[..n]).await?;
+        flow.written(n);
+        activity.touch();
+    }
+}
+
+/// A [`Flow`] that only counts into a local total: for tests and plain relays.
+#[derive(Debug, Default)]
+pub struct Count(pub u64);
+
+impl Flow for Count {
+    async fn before_write(&mut self, _n: usize) {}
+    fn written(&mut self, n: usize) {
+        self.0 += n as u64;
+    }
+}

@@ -1,0 +1,259 @@
+//! The proxy as a whole: bind listeners, accept, spawn one [`Tunnel`] per connection, and
+//! drain on shutdown. [`Proxy::run`] is what `main` and the tests both call.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::auth::AuthError;
+use crate::config::Config;
+use crate::context::{Context, Shared};
+use crate::tunnel::Tunnel;
+use crate::{admin, dial};
+
+/// How long tunnels get after the drain deadline to notice they were closed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Backlog of each listener.
+const BACKLOG: i32 = 4096;
+
+/// A proxy that could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// `[auth]` could not be loaded.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+}
+
+/// A bound proxy, ready to run.
+pub struct Proxy {
+    listeners: Vec<(SocketAddr, TcpListener)>,
+    admin: Option<(SocketAddr, TcpListener)>,
+    ctx: Arc<Context>,
+}
+
+/// A handle to a running proxy: reload it, look at its state.
+#[derive(Clone)]
+pub struct Controller {
+    ctx: Arc<Context>,
+}
+
+impl Proxy {
+    /// Binds every listener in `config` (port 0 picks a free port) and compiles the config.
+    pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        let mut listeners = Vec::new();
+        for addr in &config.server.listen {
+            let l = listen(*addr).map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })?;
+            listeners.push((l.local_addr().unwrap_or(*addr), l));
+        }
+        let admin = match config.server.admin_listen {
+            Some(addr) => {
+                let l = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
+                Some((l.local_addr().unwrap_or(addr), l))
+            }
+            None => None,
+        };
+        let bound: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
+        let mut own = bound.clone();
+        own.extend(admin.as_ref().map(|(a, _)| *a));
+        let shared = Shared::build(config, &own)?;
+        let ctx = Arc::new(Context::new(shared, own, &bound));
+        Ok(Proxy {
+            listeners,
+            admin,
+            ctx,
+        })
+    }
+
+    /// The proxy listeners' bound addresses.
+    pub fn proxy_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|(a, _)| *a).collect()
+    }
+
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(a, _)| *a)
+    }
+
+    /// A handle for reloads and inspection.
+    pub fn controller(&self) -> Controller {
+        Controller {
+            ctx: Arc::clone(&self.ctx),
+        }
+    }
+
+    /// Serves until `shutdown` completes, then drains: stop accepting, let tunnels run up to
+    /// `drain_timeout`, close the rest, return.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let ctx = self.ctx;
+        let tracker = TaskTracker::new();
+        let admin_stop = tokio_util::sync::CancellationToken::new();
+        if let Some((addr, l)) = self.admin {
+            info!(%addr, "admin listener up (/healthz /readyz /metrics)");
+            tokio::spawn(admin::serve(l, Arc::clone(&ctx), admin_stop.clone()));
+        }
+        let sweeper = {
+            let ctx2 = Arc::clone(&ctx);
+            ctx.governor
+                .start_sweeper(move |clients, rate| ctx2.metrics.limiter_keys(clients, rate))
+        };
+        let upkeep = {
+            let ctx2 = Arc::clone(&ctx);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    ctx2.metrics.upkeep();
+                }
+            })
+        };
+        let mut accept_loops = Vec::new();
+        for (addr, l) in self.listeners {
+            info!(%addr, "proxy listener up");
+            accept_loops.push(tokio::spawn(accept_loop(
+                l,
+                addr,
+                Arc::clone(&ctx),
+                tracker.clone(),
+            )));
+        }
+
+        shutdown.await;
+        let drain = ctx.shared().config.server.drain_timeout.0;
+        info!(active = ctx.governor.active_tunnels(), drain_timeout = ?drain, "draining");
+        ctx.draining.cancel();
+        for l in accept_loops {
+            let _ = l.await;
+        }
+        tracker.close();
+        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+            warn!(
+                active = ctx.governor.active_tunnels(),
+                "drain deadline passed; closing remaining tunnels"
+            );
+            ctx.stop.cancel();
+            let _ = tokio::time::timeout(STOP_GRACE, tracker.wait()).await;
+        }
+        admin_stop.cancel();
+        upkeep.abort();
+        drop(sweeper);
+        info!("stopped");
+    }
+}
+
+impl Controller {
+    /// Applies a new configuration (see [`Context::reload`]); counted either way.
+    pub fn reload(&self, config: Config) -> Result<(), AuthError> {
+        let result = self.ctx.reload(config);
+        self.ctx.metrics.config_reloaded(result.is_ok());
+        result
+    }
+
+    /// Counts a reload that failed before it reached the proxy (the file did not parse).
+    pub fn reload_failed(&self) {
+        self.ctx.metrics.config_reloaded(false);
+    }
+
+    /// Tunnels admitted and not yet closed.
+    pub fn active_tunnels(&self) -> u32 {
+        self.ctx.governor.active_tunnels()
+    }
+
+    /// Active tunnels of the client at `ip` (under the current `ipv6_prefix`).
+    pub fn active_for_ip(&self, ip: std::net::IpAddr) -> u32 {
+        self.ctx.governor.active_for(&self.ctx.governor.key_for(ip))
+    }
+
+    /// Tracked per-client keys (client states, rate-limiter keys) after a sweep.
+    pub fn sweep(&self) -> (usize, usize) {
+        self.ctx.governor.sweep()
+    }
+
+    /// The metrics exposition, as `/metrics` serves it.
+    pub fn render_metrics(&self) -> String {
+        self.ctx.metrics.render()
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+    tracker: TaskTracker,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = ctx.draining.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                ctx.metrics.accepted(addr);
+                dial::tune(&stream);
+                spawn_tunnel(&tracker, Arc::clone(&ctx), stream, peer);
+            }
+            Err(e) if is_per_connection(&e) => {}
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS: the listener is fine; the process is short of
+                // something. Back off so the loop does not spin, and keep serving.
+                error!(%addr, error = %e, backoff = ?backoff, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn spawn_tunnel(tracker: &TaskTracker, ctx: Arc<Context>, stream: TcpStream, peer: SocketAddr) {
+    let span = info_span!("conn", id = next_id());
+    tracker.spawn(Tunnel::new(ctx, stream, peer).run().instrument(span));
+}
+
+fn next_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// A listening socket with SO_REUSEADDR, IPV6_V6ONLY for IPv6 (so `[::]` and `0.0.0.0` can
+/// both be listed) and a deep backlog.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}

@@ -1,0 +1,257 @@
+//! One client connection, from accept to close. [`Tunnel::run`] reads as the phase list of
+//! DESIGN §1; each phase lives in its own module, and this file only sequences them, answers
+//! refusals, and reports the outcome once.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use crate::config::{ClientAddressLog, Mode};
+use crate::connect::{self, ConnectRequest, HeadError};
+use crate::context::Context;
+use crate::error::Refusal;
+use crate::limits::{Admission, ClientKey, Direction, Scope, Throttle};
+use crate::policy::route;
+use crate::relay::{self, Flow};
+use crate::{dial, reply};
+
+/// A client connection being served.
+pub struct Tunnel {
+    ctx: Arc<Context>,
+    client: TcpStream,
+    peer: SocketAddr,
+}
+
+impl Tunnel {
+    /// Wraps an accepted connection.
+    pub fn new(ctx: Arc<Context>, client: TcpStream, peer: SocketAddr) -> Tunnel {
+        Tunnel { ctx, client, peer }
+    }
+
+    /// Serves the connection to its end.
+    pub async fn run(mut self) {
+        let ctx = Arc::clone(&self.ctx);
+        let shared = ctx.shared();
+        let server = &shared.config.server;
+        let head = tokio::select! {
+            head = connect::read_head(&mut self.client, server.max_header_bytes, server.header_timeout.0) => head,
+            // Draining: a client that has not finished its head has been promised nothing.
+            () = ctx.draining.cancelled() => return,
+        };
+        let req = match head {
+            Ok(req) => req,
+            Err(HeadError::Closed) => {
+                debug!("client closed before a complete head");
+                return;
+            }
+            Err(HeadError::Refuse(r)) => return self.refuse(r, None).await,
+        };
+        let key = match &shared.auth {
+            None => ctx.governor.key_for(self.peer.ip()),
+            Some(auth) => match auth.check(req.proxy_authorization.as_deref()).await {
+                Some(user) => ClientKey::User(user),
+                None => return self.refuse(Refusal::AuthRequired, Some(&req)).await,
+            },
+        };
+        let route = route::lookup(&shared.config.routes, &req.target);
+        if route.mode == Mode::Deny {
+            return self.refuse(Refusal::RouteDenied, Some(&req)).await;
+        }
+        let admission = match ctx.governor.admit(&key, route.index) {
+            Ok(a) => a,
+            Err(r) => return self.refuse(r, Some(&req)).await,
+        };
+        if let Err(r) = shared.acl.check_target(&req.target) {
+            return self.refuse(r, Some(&req)).await;
+        }
+        let upstream = match dial::dial(
+            &req.target,
+            &shared.resolver,
+            &shared.acl,
+            server.connect_timeout.0,
+        )
+        .await
+        {
+            Ok(d) => d,
+            Err(r) => return self.refuse(r, Some(&req)).await,
+        };
+        ctx.metrics
+            .upstream_connect
+            .record(upstream.connect_time.as_secs_f64());
+        if let Some(t) = upstream.lookup_time {
+            ctx.metrics.dns_lookup.record(t.as_secs_f64());
+        }
+        if self
+            .client
+            .write_all(reply::established(req.minor_version))
+            .await
+            .is_err()
+        {
+            debug!("client left before the 200");
+            return;
+        }
+        let idle = server.idle_timeout.0;
+        let mode = route.mode;
+        drop(shared);
+        self.splice(req, upstream.stream, admission, mode, idle)
+            .await;
+    }
+
+    /// Relays until the tunnel ends, then reports it once.
+    async fn splice(
+        self,
+        req: ConnectRequest,
+        upstream: TcpStream,
+        admission: Admission,
+        mode: Mode,
+        idle: Duration,
+    ) {
+        let ctx = self.ctx;
+        let started = Instant::now();
+        let _active = ActiveGuard::new(ctx.metrics.tunnels_active(mode));
+        let mut up = Meter::new(&ctx, &admission, mode, Direction::Up);
+        let mut down = Meter::new(&ctx, &admission, mode, Direction::Down);
+        let end = relay::relay(
+            self.client,
+            upstream,
+            req.leftover,
+            &mut up,
+            &mut down,
+            idle,
+            &ctx.stop,
+        )
+        .await;
+        let duration = started.elapsed();
+        ctx.metrics.tunnel_ended(mode, end.as_str(), duration);
+        info!(
+            client = client_field(self.peer.ip(), ctx.log_client).as_deref(),
+            target = %req.target,
+            mode = mode.as_str(),
+            outcome = end.as_str(),
+            bytes_up = up.total,
+            bytes_down = down.total,
+            duration_ms = duration.as_millis() as u64,
+            "tunnel closed"
+        );
+        drop(admission);
+    }
+
+    /// Answers a refusal, counts it and logs it once.
+    async fn refuse(mut self, refusal: Refusal, req: Option<&ConnectRequest>) {
+        let shared = self.ctx.shared();
+        reply::send_refusal(
+            &mut self.client,
+            &refusal,
+            shared.auth.as_ref().map(|a| a.realm()),
+        )
+        .await;
+        self.ctx.metrics.refused(&refusal);
+        info!(
+            client = client_field(self.peer.ip(), self.ctx.log_client).as_deref(),
+            target = req.map(|r| r.target.to_string()).as_deref(),
+            status = refusal.status(),
+            reason = refusal.reason(),
+            "refused: {refusal}"
+        );
+    }
+}
+
+/// The client's address as `log.client_address` allows: absent, truncated or whole.
+fn client_field(ip: IpAddr, mode: ClientAddressLog) -> Option<String> {
+    match (mode, ip.to_canonical()) {
+        (ClientAddressLog::Omit, _) => None,
+        (ClientAddressLog::Full, ip) => Some(ip.to_string()),
+        (ClientAddressLog::Truncate, IpAddr::V4(v4)) => {
+            let [a, b, c, _] = v4.octets();
+            Some(format!("{a}.{b}.{c}.0/24"))
+        }
+        (ClientAddressLog::Truncate, IpAddr::V6(v6)) => {
+            let masked = std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 80));
+            Some(format!("{masked}/48"))
+        }
+    }
+}
+
+/// Keeps `tunnels_active{mode}` right on every exit path, panics included.
+struct ActiveGuard(Gauge);
+
+impl ActiveGuard {
+    fn new(g: Gauge) -> ActiveGuard {
+        g.increment(1.0);
+        ActiveGuard(g)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// One direction's [`Flow`]: the governor's throttle before each write, counters after.
+struct Meter {
+    throttle: Throttle,
+    bytes: Counter,
+    waits: [Gauge; 3],
+    total: u64,
+}
+
+impl Meter {
+    fn new(ctx: &Context, admission: &Admission, mode: Mode, dir: Direction) -> Meter {
+        Meter {
+            throttle: admission.throttle(dir),
+            bytes: ctx.metrics.bytes(mode, dir),
+            waits: Scope::ALL.map(|s| ctx.metrics.throttle_wait(s, dir)),
+            total: 0,
+        }
+    }
+}
+
+impl Flow for Meter {
+    fn max_chunk(&self) -> Option<usize> {
+        self.throttle.max_chunk()
+    }
+
+    async fn before_write(&mut self, n: usize) {
+        let waited = self.throttle.wait(n).await;
+        for (gauge, d) in self.waits.iter().zip(waited.0) {
+            if !d.is_zero() {
+                gauge.increment(d.as_secs_f64());
+            }
+        }
+    }
+
+    fn written(&mut self, n: usize) {
+        self.bytes.increment(n as u64);
+        self.total += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_addresses_follow_the_privacy_setting() {
+        let v4: IpAddr = "203.0.113.77".parse().unwrap();
+        let v6: IpAddr = "2001:db8:aa:bb::1".parse().unwrap();
+        assert_eq!(client_field(v4, ClientAddressLog::Omit), None);
+        assert_eq!(
+            client_field(v4, ClientAddressLog::Truncate).as_deref(),
+            Some("203.0.113.0/24")
+        );
+        assert_eq!(
+            client_field(v6, ClientAddressLog::Truncate).as_deref(),
+            Some("2001:db8:aa::/48")
+        );
+        assert_eq!(
+            client_field(v4, ClientAddressLog::Full).as_deref(),
+            Some("203.0.113.77")
+        );
+    }
+}
