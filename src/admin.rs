@@ -49,10 +49,7 @@ async fn answer(mut stream: TcpStream, ctx: &Context) -> std::io::Result<()> {
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
             Ok(httparse::Status::Complete(_)) => {
-                break (
-                    req.method.unwrap_or("").to_string(),
-                    req.path.unwrap_or("").to_string(),
-                );
+                break (req.method.unwrap_or("").to_string(), req.path.unwrap_or("").to_string());
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
             _ => return respond(&mut stream, 400, "text/plain", "bad request\n").await,
@@ -64,32 +61,19 @@ async fn answer(mut stream: TcpStream, ctx: &Context) -> std::io::Result<()> {
     let path = path.split('?').next().unwrap_or("");
     match path {
         "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n").await,
-        "/readyz" if ctx.draining.is_cancelled() => {
-            respond(&mut stream, 503, "text/plain", "draining\n").await
-        }
+        "/readyz" if ctx.draining.is_cancelled() => respond(&mut stream, 503, "text/plain", "draining\n").await,
         "/readyz" => respond(&mut stream, 200, "text/plain", "ready\n").await,
         "/metrics" => {
             let (clients, rate) = ctx.governor.tracked_keys();
             ctx.metrics.limiter_keys(clients, rate);
             let body = ctx.metrics.render();
-            respond(
-                &mut stream,
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                &body,
-            )
-            .await
+            respond(&mut stream, 200, "text/plain; version=0.0.4; charset=utf-8", &body).await
         }
         _ => respond(&mut stream, 404, "text/plain", "not found\n").await,
     }
 }
 
-async fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
+async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",

@@ -48,39 +48,24 @@ impl Auth {
     /// Loads `user:hash` lines; blank lines and `#` comments are skipped.
     pub fn load(path: &Path, realm: &str) -> Result<Auth, AuthError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
-            path: shown.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: shown.clone(), source })?;
         let mut users = HashMap::new();
         for (i, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let bad = |problem| AuthError::Line {
-                path: shown.clone(),
-                line: i + 1,
-                problem,
-            };
-            let (user, hash) = line
-                .split_once(':')
-                .ok_or_else(|| bad("expected user:hash"))?;
+            let bad = |problem| AuthError::Line { path: shown.clone(), line: i + 1, problem };
+            let (user, hash) = line.split_once(':').ok_or_else(|| bad("expected user:hash"))?;
             if user.is_empty() {
                 return Err(bad("empty user name"));
             }
             if !(hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$")) {
-                return Err(bad(
-                    "only bcrypt hashes ($2y$, $2b$, $2a$) are accepted; create them with htpasswd -B",
-                ));
+                return Err(bad("only bcrypt hashes ($2y$, $2b$, $2a$) are accepted; create them with htpasswd -B"));
             }
             users.insert(user.to_string(), hash.to_string());
         }
-        Ok(Auth {
-            users,
-            realm: realm.to_string(),
-            verified: DashMap::new(),
-        })
+        Ok(Auth { users, realm: realm.to_string(), verified: DashMap::new() })
     }
 
     /// The realm for `Proxy-Authenticate`.
@@ -99,17 +84,12 @@ impl Auth {
         if !scheme.eq_ignore_ascii_case("basic") {
             return None;
         }
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
         let decoded = String::from_utf8(decoded).ok()?;
         let (user, password) = decoded.split_once(':')?;
         let hash = self.users.get(user)?.clone();
         let password = password.to_string();
-        let ok =
-            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
-                .await
-                .ok()?;
+        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false)).await.ok()?;
         if !ok {
             return None;
         }

@@ -54,9 +54,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Parsed, Refusal> {
         Err(e) => {
             return Err(Refusal::BadRequest(match e {
                 httparse::Error::Version => "unsupported HTTP version",
-                httparse::Error::Token | httparse::Error::HeaderName => {
-                    "malformed header name or method"
-                }
+                httparse::Error::Token | httparse::Error::HeaderName => "malformed header name or method",
                 httparse::Error::HeaderValue => "malformed header value",
                 httparse::Error::NewLine => "malformed line ending",
                 _ => "malformed request line",
@@ -76,11 +74,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Parsed, Refusal> {
             TargetError::BadHost => "target host is malformed",
         })
     })?;
-    let proxy_authorization = req
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
-        .map(|h| h.value.to_vec());
+    let proxy_authorization =
+        req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("proxy-authorization")).map(|h| h.value.to_vec());
     Ok(Parsed::Complete(ConnectRequest {
         target,
         minor_version: req.version.unwrap_or(1),
@@ -110,9 +105,7 @@ pub async fn read_head<R: AsyncRead + Unpin>(
         let mut buf = Vec::with_capacity(max_bytes.min(4096));
         let mut chunk = [0u8; 2048];
         loop {
-            let room = (max_bytes + chunk.len())
-                .saturating_sub(buf.len())
-                .min(chunk.len());
+            let room = (max_bytes + chunk.len()).saturating_sub(buf.len()).min(chunk.len());
             let n = match io.read(&mut chunk[..room]).await {
                 Ok(0) | Err(_) => return Err(HeadError::Closed),
                 Ok(n) => n,
@@ -159,61 +152,32 @@ mod tests {
         assert_eq!(r.minor_version, 1);
         assert_eq!(r.proxy_authorization.as_deref(), Some(&b"Basic abc"[..]));
         assert_eq!(r.leftover, b"\x16\x03\x01");
-        assert_eq!(
-            complete(b"CONNECT [::1]:443 HTTP/1.0\r\n\r\n").minor_version,
-            0
-        );
+        assert_eq!(complete(b"CONNECT [::1]:443 HTTP/1.0\r\n\r\n").minor_version, 0);
     }
 
     #[test]
     fn partial_heads_ask_for_more() {
-        assert_eq!(
-            parse_head(b"CONNECT example.com:443 HTTP/1.1\r\nHost: x"),
-            Ok(Parsed::Partial)
-        );
+        assert_eq!(parse_head(b"CONNECT example.com:443 HTTP/1.1\r\nHost: x"), Ok(Parsed::Partial));
         assert_eq!(parse_head(b"CONN"), Ok(Parsed::Partial));
     }
 
     #[test]
     fn refusals() {
-        assert_eq!(
-            parse_head(b"GET / HTTP/1.1\r\n\r\n"),
-            Err(Refusal::MethodNotAllowed)
-        );
-        assert_eq!(
-            parse_head(b"GET http://x/ HTTP/1.1\r\nHost: x"),
-            Err(Refusal::MethodNotAllowed)
-        );
-        assert!(matches!(
-            parse_head(b"CONNECT example.com HTTP/1.1\r\n\r\n"),
-            Err(Refusal::BadRequest(_))
-        ));
-        assert!(matches!(
-            parse_head(b"CONNECT a:1 HTTP/2.0\r\n\r\n"),
-            Err(Refusal::BadRequest(_))
-        ));
-        assert!(matches!(
-            parse_head(b"CONNECT a:1 HTTP/1.1\r\nBad Header: x\r\n\r\n"),
-            Err(Refusal::BadRequest(_))
-        ));
-        assert!(matches!(
-            parse_head(b"CONNECT a:1 HTTP/1.1\r\nX: a\0b\r\n\r\n"),
-            Err(Refusal::BadRequest(_))
-        ));
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\n\r\n"), Err(Refusal::MethodNotAllowed));
+        assert_eq!(parse_head(b"GET http://x/ HTTP/1.1\r\nHost: x"), Err(Refusal::MethodNotAllowed));
+        assert!(matches!(parse_head(b"CONNECT example.com HTTP/1.1\r\n\r\n"), Err(Refusal::BadRequest(_))));
+        assert!(matches!(parse_head(b"CONNECT a:1 HTTP/2.0\r\n\r\n"), Err(Refusal::BadRequest(_))));
+        assert!(matches!(parse_head(b"CONNECT a:1 HTTP/1.1\r\nBad Header: x\r\n\r\n"), Err(Refusal::BadRequest(_))));
+        assert!(matches!(parse_head(b"CONNECT a:1 HTTP/1.1\r\nX: a\0b\r\n\r\n"), Err(Refusal::BadRequest(_))));
         let many: String = (0..70).map(|i| format!("X-{i}: v\r\n")).collect();
-        assert_eq!(
-            parse_head(format!("CONNECT a:1 HTTP/1.1\r\n{many}\r\n").as_bytes()),
-            Err(Refusal::HeaderTooLarge)
-        );
+        assert_eq!(parse_head(format!("CONNECT a:1 HTTP/1.1\r\n{many}\r\n").as_bytes()), Err(Refusal::HeaderTooLarge));
     }
 
     #[tokio::test]
     async fn head_over_the_cap_is_431() {
         let big = format!("CONNECT a:443 HTTP/1.1\r\nX: {}\r\n\r\n", "v".repeat(9000));
         let mut io = big.as_bytes();
-        let err = read_head(&mut io, 8192, Duration::from_secs(5))
-            .await
-            .unwrap_err();
+        let err = read_head(&mut io, 8192, Duration::from_secs(5)).await.unwrap_err();
         assert!(matches!(err, HeadError::Refuse(Refusal::HeaderTooLarge)));
     }
 }

@@ -34,12 +34,7 @@ impl Shared {
             Some(a) => Some(Auth::load(&a.credentials_file, &a.realm)?),
             None => None,
         };
-        Ok(Shared {
-            acl: Acl::new(&config.policy, own.to_vec()),
-            resolver: Resolver::new(&config.dns),
-            auth,
-            config,
-        })
+        Ok(Shared { acl: Acl::new(&config.policy, own.to_vec()), resolver: Resolver::new(&config.dns), auth, config })
     }
 }
 
@@ -62,9 +57,11 @@ pub struct Context {
 impl Context {
     /// Builds the context for bound listeners.
     pub fn new(shared: Shared, own: Vec<SocketAddr>, listeners: &[SocketAddr]) -> Context {
+        let metrics = Metrics::new(listeners);
+        metrics.configured(&shared.config);
         Context {
             governor: Governor::new(&shared.config),
-            metrics: Metrics::new(listeners),
+            metrics,
             log_client: shared.config.log.client_address,
             shared: ArcSwap::from_pointee(shared),
             own,
@@ -85,12 +82,11 @@ impl Context {
         if old.config.server.listen != config.server.listen
             || old.config.server.admin_listen != config.server.admin_listen
         {
-            tracing::warn!(
-                "server.listen and server.admin_listen changes take effect only after a restart"
-            );
+            tracing::warn!("server.listen and server.admin_listen changes take effect only after a restart");
         }
         let next = Shared::build(config, &self.own)?;
         self.governor.update(&next.config);
+        self.metrics.configured(&next.config);
         self.shared.store(Arc::new(next));
         Ok(())
     }

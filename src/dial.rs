@@ -50,11 +50,7 @@ impl Resolver {
     /// A resolver for `[dns]`.
     pub fn new(dns: &DnsConfig) -> Resolver {
         Resolver {
-            hosts: dns
-                .hosts
-                .iter()
-                .map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), v.to_vec()))
-                .collect(),
+            hosts: dns.hosts.iter().map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), v.to_vec())).collect(),
             servers: dns.servers.clone(),
             timeout: dns.timeout.0,
             cache_size: dns.cache_size,
@@ -65,33 +61,19 @@ impl Resolver {
     /// Resolves a normalised host name.
     pub async fn resolve(&self, name: &str) -> Result<Resolved, Refusal> {
         if name == "localhost" || name.ends_with(".localhost") {
-            let addrs = vec![
-                IpAddr::V6(Ipv6Addr::LOCALHOST),
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-            ];
-            return Ok(Resolved {
-                addrs,
-                lookup_time: None,
-            });
+            let addrs = vec![IpAddr::V6(Ipv6Addr::LOCALHOST), IpAddr::V4(Ipv4Addr::LOCALHOST)];
+            return Ok(Resolved { addrs, lookup_time: None });
         }
         if name == "invalid" || name.ends_with(".invalid") {
             return Err(Refusal::DnsFailed);
         }
         if let Some(addrs) = self.hosts.get(name) {
-            return Ok(Resolved {
-                addrs: addrs.clone(),
-                lookup_time: None,
-            });
+            return Ok(Resolved { addrs: addrs.clone(), lookup_time: None });
         }
-        let resolver = self
-            .hickory
-            .get_or_init(|| async { self.build_hickory() })
-            .await
-            .as_ref()
-            .map_err(|e| {
-                tracing::error!(error = %e, "no DNS resolver available");
-                Refusal::DnsFailed
-            })?;
+        let resolver = self.hickory.get_or_init(|| async { self.build_hickory() }).await.as_ref().map_err(|e| {
+            tracing::error!(error = %e, "no DNS resolver available");
+            Refusal::DnsFailed
+        })?;
         let started = Instant::now();
         let lookup = tokio::time::timeout(self.timeout, resolver.lookup_ip(format!("{name}.")))
             .await
@@ -104,16 +86,12 @@ impl Resolver {
         if addrs.is_empty() {
             return Err(Refusal::DnsFailed);
         }
-        Ok(Resolved {
-            addrs,
-            lookup_time: Some(started.elapsed()),
-        })
+        Ok(Resolved { addrs, lookup_time: Some(started.elapsed()) })
     }
 
     fn build_hickory(&self) -> Result<TokioResolver, String> {
         let mut builder = if self.servers.is_empty() {
-            TokioResolver::builder_tokio()
-                .map_err(|e| format!("cannot read the system resolver configuration: {e}"))?
+            TokioResolver::builder_tokio().map_err(|e| format!("cannot read the system resolver configuration: {e}"))?
         } else {
             let servers = self
                 .servers
@@ -134,9 +112,7 @@ impl Resolver {
         let opts = builder.options_mut();
         opts.timeout = self.timeout;
         opts.cache_size = self.cache_size;
-        builder
-            .build()
-            .map_err(|e| format!("cannot build the DNS resolver: {e}"))
+        builder.build().map_err(|e| format!("cannot build the DNS resolver: {e}"))
     }
 }
 
@@ -184,12 +160,7 @@ pub async fn dial(
     let started = Instant::now();
     let (stream, addr) = connect_happy(interleave(allowed), connect_timeout).await?;
     tune(&stream);
-    Ok(Dialed {
-        stream,
-        addr,
-        connect_time: started.elapsed(),
-        lookup_time,
-    })
+    Ok(Dialed { stream, addr, connect_time: started.elapsed(), lookup_time })
 }
 
 /// RFC 8305 §4: alternate address families, starting with the first family the resolver gave.
@@ -206,10 +177,7 @@ fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     out
 }
 
-async fn connect_happy(
-    addrs: Vec<SocketAddr>,
-    deadline: Duration,
-) -> Result<(TcpStream, SocketAddr), Refusal> {
+async fn connect_happy(addrs: Vec<SocketAddr>, deadline: Duration) -> Result<(TcpStream, SocketAddr), Refusal> {
     let race = async {
         let mut pending = addrs.into_iter();
         let mut attempts: JoinSet<(SocketAddr, io::Result<TcpStream>)> = JoinSet::new();
@@ -246,9 +214,7 @@ async fn connect_happy(
     match tokio::time::timeout(deadline, race).await {
         Ok(Ok(won)) => Ok(won),
         Ok(Err(e)) => {
-            if e.as_ref()
-                .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut)
-            {
+            if e.as_ref().is_some_and(|e| e.kind() == io::ErrorKind::TimedOut) {
                 Err(Refusal::UpstreamTimeout)
             } else {
                 Err(Refusal::UpstreamFailed)
@@ -262,9 +228,8 @@ async fn connect_happy(
 /// and keepalive (so a vanished peer does not pin a tunnel for ever).
 pub fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(15));
+    let keepalive =
+        socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(15));
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
@@ -274,10 +239,8 @@ mod tests {
 
     #[test]
     fn interleaves_families() {
-        let a: Vec<SocketAddr> = ["[::1]:1", "[::2]:1", "127.0.0.1:1", "127.0.0.2:1"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let a: Vec<SocketAddr> =
+            ["[::1]:1", "[::2]:1", "127.0.0.1:1", "127.0.0.2:1"].iter().map(|s| s.parse().unwrap()).collect();
         let got: Vec<String> = interleave(a).iter().map(ToString::to_string).collect();
         assert_eq!(got, ["[::1]:1", "127.0.0.1:1", "[::2]:1", "127.0.0.2:1"]);
     }
@@ -285,25 +248,9 @@ mod tests {
     #[tokio::test]
     async fn special_use_names_are_answered_locally() {
         let r = Resolver::new(&DnsConfig::default());
-        assert!(
-            r.resolve("localhost")
-                .await
-                .unwrap()
-                .addrs
-                .iter()
-                .all(IpAddr::is_loopback)
-        );
-        assert!(
-            r.resolve("a.b.localhost")
-                .await
-                .unwrap()
-                .lookup_time
-                .is_none()
-        );
-        assert_eq!(
-            r.resolve("nothing.invalid").await.err(),
-            Some(Refusal::DnsFailed)
-        );
+        assert!(r.resolve("localhost").await.unwrap().addrs.iter().all(IpAddr::is_loopback));
+        assert!(r.resolve("a.b.localhost").await.unwrap().lookup_time.is_none());
+        assert_eq!(r.resolve("nothing.invalid").await.err(), Some(Refusal::DnsFailed));
         assert!(r.hickory.get().is_none(), "no resolver was built");
     }
 }

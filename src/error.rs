@@ -88,10 +88,7 @@ impl Refusal {
             Refusal::AuthRequired => 407,
             Refusal::HeaderTimeout => 408,
             Refusal::HeaderTooLarge => 431,
-            Refusal::PortDenied
-            | Refusal::HostDenied
-            | Refusal::AddressDenied
-            | Refusal::RouteDenied => 403,
+            Refusal::PortDenied | Refusal::HostDenied | Refusal::AddressDenied | Refusal::RouteDenied => 403,
             Refusal::ClientCap | Refusal::RouteCap | Refusal::ClientRate { .. } => 429,
             Refusal::GlobalCap => 503,
             Refusal::DnsFailed | Refusal::UpstreamFailed => 502,
@@ -140,9 +137,7 @@ mod tests {
             Refusal::RouteDenied,
             Refusal::ClientCap,
             Refusal::RouteCap,
-            Refusal::ClientRate {
-                retry_after: Duration::from_secs(1),
-            },
+            Refusal::ClientRate { retry_after: Duration::from_secs(1) },
             Refusal::GlobalCap,
             Refusal::DnsFailed,
             Refusal::UpstreamFailed,

@@ -20,12 +20,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::CheckConfig(arg)) => {
-            let args = RunArgs {
-                config: arg,
-                listen: vec![],
-                admin_listen: None,
-                log_format: None,
-            };
+            let args = RunArgs { config: arg, listen: vec![], admin_listen: None, log_format: None };
             match args.load() {
                 Ok(config) => {
                     print!("{}", config.to_toml());
@@ -51,10 +46,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     init_logging(config.log.format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("veilgate: cannot start the runtime: {e}");
@@ -100,11 +92,7 @@ async fn serve(config: veilgate::Config, args: RunArgs) -> anyhow::Result<()> {
 
 /// SIGHUP: reload the same file with the same command-line overrides. An invalid file is
 /// logged and counted, and the running configuration stays.
-async fn reload_on_hup(
-    mut hup: tokio::signal::unix::Signal,
-    controller: Controller,
-    args: RunArgs,
-) {
+async fn reload_on_hup(mut hup: tokio::signal::unix::Signal, controller: Controller, args: RunArgs) {
     while hup.recv().await.is_some() {
         match args.load() {
             Ok(config) => match controller.reload(config) {
@@ -123,9 +111,7 @@ async fn reload_on_hup(
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("VEILGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

@@ -7,12 +7,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use metrics::{
-    Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
-};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::config::Mode;
 use crate::error::Refusal;
@@ -23,12 +19,8 @@ pub const MODES: [Mode; 1] = [Mode::Tunnel];
 /// Tunnel outcomes (`tunnels_total{outcome}`).
 pub const OUTCOMES: [&str; 4] = ["closed", "idle_timeout", "error", "shutdown"];
 
-const DURATION_BUCKETS: &[f64] = &[
-    0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
-];
-const CONNECT_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+const DURATION_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0];
+const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// The handles of one proxy instance.
 pub struct Metrics {
@@ -47,6 +39,12 @@ pub struct Metrics {
     pub dns_lookup: Histogram,
     limiter_keys: HashMap<&'static str, Gauge>,
     config_reloads: HashMap<&'static str, Counter>,
+    config_max_tunnels: Gauge,
+    /// MITM leaf certificates minted.
+    pub mitm_certs_minted: Counter,
+    /// MITM leaf certificates served from the cache.
+    pub mitm_cert_cache_hits: Counter,
+    tls_handshake_failures: HashMap<&'static str, Counter>,
 }
 
 struct Reg<'a> {
@@ -55,69 +53,26 @@ struct Reg<'a> {
 
 impl Reg<'_> {
     fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
-        Key::from_parts(
-            name,
-            labels
-                .iter()
-                .map(|(k, v)| Label::new(*k, *v))
-                .collect::<Vec<_>>(),
-        )
+        Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, *v)).collect::<Vec<_>>())
     }
     fn meta() -> Metadata<'static> {
         Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()))
     }
-    fn counter(
-        &self,
-        name: &'static str,
-        help: &'static str,
-        labels: &[(&'static str, &'static str)],
-    ) -> Counter {
-        self.rec.describe_counter(
-            KeyName::from_const_str(name),
-            None,
-            SharedString::const_str(help),
-        );
-        self.rec
-            .register_counter(&Self::key(name, labels), &Self::meta())
+    fn counter(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+        self.rec.describe_counter(KeyName::from_const_str(name), None, SharedString::const_str(help));
+        self.rec.register_counter(&Self::key(name, labels), &Self::meta())
     }
-    fn counter_owned(
-        &self,
-        name: &'static str,
-        help: &'static str,
-        label: (&'static str, String),
-    ) -> Counter {
-        self.rec.describe_counter(
-            KeyName::from_const_str(name),
-            None,
-            SharedString::const_str(help),
-        );
-        self.rec.register_counter(
-            &Key::from_parts(name, vec![Label::new(label.0, label.1)]),
-            &Self::meta(),
-        )
+    fn counter_owned(&self, name: &'static str, help: &'static str, label: (&'static str, String)) -> Counter {
+        self.rec.describe_counter(KeyName::from_const_str(name), None, SharedString::const_str(help));
+        self.rec.register_counter(&Key::from_parts(name, vec![Label::new(label.0, label.1)]), &Self::meta())
     }
-    fn gauge(
-        &self,
-        name: &'static str,
-        help: &'static str,
-        labels: &[(&'static str, &'static str)],
-    ) -> Gauge {
-        self.rec.describe_gauge(
-            KeyName::from_const_str(name),
-            None,
-            SharedString::const_str(help),
-        );
-        self.rec
-            .register_gauge(&Self::key(name, labels), &Self::meta())
+    fn gauge(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
+        self.rec.describe_gauge(KeyName::from_const_str(name), None, SharedString::const_str(help));
+        self.rec.register_gauge(&Self::key(name, labels), &Self::meta())
     }
     fn histogram(&self, name: &'static str, help: &'static str) -> Histogram {
-        self.rec.describe_histogram(
-            KeyName::from_const_str(name),
-            Some(Unit::Seconds),
-            SharedString::const_str(help),
-        );
-        self.rec
-            .register_histogram(&Self::key(name, &[]), &Self::meta())
+        self.rec.describe_histogram(KeyName::from_const_str(name), Some(Unit::Seconds), SharedString::const_str(help));
+        self.rec.register_histogram(&Self::key(name, &[]), &Self::meta())
     }
 }
 
@@ -125,22 +80,9 @@ impl Metrics {
     /// Builds the recorder and registers every series for these listeners.
     pub fn new(listeners: &[SocketAddr]) -> Metrics {
         let rec = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                Matcher::Full("veilgate_tunnel_duration_seconds".into()),
-                DURATION_BUCKETS,
-            )
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Suffix("connect_duration_seconds".into()),
-                    CONNECT_BUCKETS,
-                )
-            })
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Suffix("lookup_duration_seconds".into()),
-                    CONNECT_BUCKETS,
-                )
-            })
+            .set_buckets_for_metric(Matcher::Full("veilgate_tunnel_duration_seconds".into()), DURATION_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("connect_duration_seconds".into()), CONNECT_BUCKETS))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("lookup_duration_seconds".into()), CONNECT_BUCKETS))
             .expect("bucket lists are not empty")
             .build_recorder();
         let r = Reg { rec: &rec };
@@ -163,16 +105,7 @@ impl Metrics {
                 .collect(),
             tunnels_active: modes
                 .iter()
-                .map(|m| {
-                    (
-                        *m,
-                        r.gauge(
-                            "veilgate_tunnels_active",
-                            "Tunnels open now, by mode.",
-                            &[("mode", m)],
-                        ),
-                    )
-                })
+                .map(|m| (*m, r.gauge("veilgate_tunnels_active", "Tunnels open now, by mode.", &[("mode", m)])))
                 .collect(),
             tunnels_total: HashMap::new(),
             refusals: Refusal::REASONS
@@ -190,18 +123,13 @@ impl Metrics {
                 .collect(),
             bytes: HashMap::new(),
             throttle_wait: HashMap::new(),
-            tunnel_duration: r.histogram(
-                "veilgate_tunnel_duration_seconds",
-                "Tunnel lifetime from 200 to close.",
-            ),
+            tunnel_duration: r.histogram("veilgate_tunnel_duration_seconds", "Tunnel lifetime from 200 to close."),
             upstream_connect: r.histogram(
                 "veilgate_upstream_connect_duration_seconds",
                 "Time to connect to the upstream (happy eyeballs, all attempts).",
             ),
-            dns_lookup: r.histogram(
-                "veilgate_dns_lookup_duration_seconds",
-                "Time of DNS lookups that asked a resolver.",
-            ),
+            dns_lookup: r
+                .histogram("veilgate_dns_lookup_duration_seconds", "Time of DNS lookups that asked a resolver."),
             limiter_keys: ["clients", "new_tunnel_rate"]
                 .iter()
                 .map(|l| {
@@ -226,6 +154,28 @@ impl Metrics {
                             &[("result", res)],
                         ),
                     )
+                })
+                .collect(),
+            config_max_tunnels: r.gauge(
+                "veilgate_config_max_tunnels",
+                "Configured global tunnel cap (limits.max_tunnels); 0 when unlimited.",
+                &[],
+            ),
+            mitm_certs_minted: r.counter(
+                "veilgate_mitm_certs_minted_total",
+                "Leaf certificates minted for MITM routes.",
+                &[],
+            ),
+            mitm_cert_cache_hits: r.counter(
+                "veilgate_mitm_cert_cache_hits_total",
+                "MITM leaf certificates served from the cache.",
+                &[],
+            ),
+            tls_handshake_failures: ["client", "upstream"]
+                .iter()
+                .map(|side| {
+                    let help = "TLS handshakes that failed in MITM mode, by side.";
+                    (*side, r.counter("veilgate_tls_handshake_failures_total", help, &[("side", side)]))
                 })
                 .collect(),
         };
@@ -294,10 +244,7 @@ impl Metrics {
 
     /// The active-tunnel gauge for a mode.
     pub fn tunnels_active(&self, mode: Mode) -> Gauge {
-        self.tunnels_active
-            .get(mode.as_str())
-            .cloned()
-            .unwrap_or_else(Gauge::noop)
+        self.tunnels_active.get(mode.as_str()).cloned().unwrap_or_else(Gauge::noop)
     }
 
     /// A tunnel ended.
@@ -310,18 +257,12 @@ impl Metrics {
 
     /// The byte counter for a mode and direction (cloned into the tunnel's flows).
     pub fn bytes(&self, mode: Mode, dir: Direction) -> Counter {
-        self.bytes
-            .get(&(mode.as_str(), dir.as_str()))
-            .cloned()
-            .unwrap_or_else(Counter::noop)
+        self.bytes.get(&(mode.as_str(), dir.as_str())).cloned().unwrap_or_else(Counter::noop)
     }
 
     /// The throttle-wait accumulator for a scope and direction.
     pub fn throttle_wait(&self, scope: Scope, dir: Direction) -> Gauge {
-        self.throttle_wait
-            .get(&(scope.as_str(), dir.as_str()))
-            .cloned()
-            .unwrap_or_else(Gauge::noop)
+        self.throttle_wait.get(&(scope.as_str(), dir.as_str())).cloned().unwrap_or_else(Gauge::noop)
     }
 
     /// Sets the tracked-keys gauges.
@@ -331,6 +272,18 @@ impl Metrics {
         }
         if let Some(g) = self.limiter_keys.get("new_tunnel_rate") {
             g.set(rate as f64);
+        }
+    }
+
+    /// Publishes the configured limits operators compare usage against.
+    pub fn configured(&self, config: &crate::config::Config) {
+        self.config_max_tunnels.set(f64::from(config.limits.max_tunnels.unwrap_or(0)));
+    }
+
+    /// A TLS handshake failed on `side` (`client` or `upstream`).
+    pub fn tls_handshake_failed(&self, side: &'static str) {
+        if let Some(c) = self.tls_handshake_failures.get(side) {
+            c.increment(1);
         }
     }
 

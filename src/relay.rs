@@ -69,8 +69,7 @@ struct Activity {
 
 impl Activity {
     fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     fn last(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
@@ -97,10 +96,7 @@ where
 {
     let (mut client_r, mut client_w) = tokio::io::split(client);
     let (mut up_r, mut up_w) = tokio::io::split(upstream);
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    };
+    let activity = Activity { start: Instant::now(), last_ms: AtomicU64::new(0) };
     let both = async {
         tokio::try_join!(
             pump(&mut client_r, &mut up_w, first_up, up, &activity),
@@ -123,13 +119,7 @@ where
     }
 }
 
-async fn pump<R, W, F>(
-    r: &mut R,
-    w: &mut W,
-    first: Vec<u8>,
-    flow: &mut F,
-    activity: &Activity,
-) -> io::Result<()>
+async fn pump<R, W, F>(r: &mut R, w: &mut W, first: Vec<u8>, flow: &mut F, activity: &Activity) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

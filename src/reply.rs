@@ -48,10 +48,7 @@ pub fn refusal(refusal: &Refusal, realm: Option<&str>) -> Vec<u8> {
             head.push_str(&format!("Retry-After: {}\r\n", secs.max(1)));
         }
         Refusal::AuthRequired => {
-            head.push_str(&format!(
-                "Proxy-Authenticate: Basic realm=\"{}\"\r\n",
-                realm.unwrap_or("veilgate")
-            ));
+            head.push_str(&format!("Proxy-Authenticate: Basic realm=\"{}\"\r\n", realm.unwrap_or("veilgate")));
         }
         _ => {}
     }
@@ -76,22 +73,12 @@ mod tests {
 
     #[test]
     fn retry_after_rounds_up() {
-        let text = String::from_utf8(refusal(
-            &Refusal::ClientRate {
-                retry_after: Duration::from_millis(1200),
-            },
-            None,
-        ))
-        .unwrap();
+        let text = String::from_utf8(refusal(&Refusal::ClientRate { retry_after: Duration::from_millis(1200) }, None))
+            .unwrap();
         assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"));
         assert!(text.contains("Retry-After: 2\r\n"));
-        let text = String::from_utf8(refusal(
-            &Refusal::ClientRate {
-                retry_after: Duration::from_millis(5),
-            },
-            None,
-        ))
-        .unwrap();
+        let text =
+            String::from_utf8(refusal(&Refusal::ClientRate { retry_after: Duration::from_millis(5) }, None)).unwrap();
         assert!(text.contains("Retry-After: 1\r\n"));
     }
 

@@ -56,10 +56,7 @@ impl Proxy {
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
-            let l = listen(*addr).map_err(|source| StartError::Bind {
-                addr: *addr,
-                source,
-            })?;
+            let l = listen(*addr).map_err(|source| StartError::Bind { addr: *addr, source })?;
             listeners.push((l.local_addr().unwrap_or(*addr), l));
         }
         let admin = match config.server.admin_listen {
@@ -74,11 +71,7 @@ impl Proxy {
         own.extend(admin.as_ref().map(|(a, _)| *a));
         let shared = Shared::build(config, &own)?;
         let ctx = Arc::new(Context::new(shared, own, &bound));
-        Ok(Proxy {
-            listeners,
-            admin,
-            ctx,
-        })
+        Ok(Proxy { listeners, admin, ctx })
     }
 
     /// The proxy listeners' bound addresses.
@@ -93,9 +86,7 @@ impl Proxy {
 
     /// A handle for reloads and inspection.
     pub fn controller(&self) -> Controller {
-        Controller {
-            ctx: Arc::clone(&self.ctx),
-        }
+        Controller { ctx: Arc::clone(&self.ctx) }
     }
 
     /// Serves until `shutdown` completes, then drains: stop accepting, let tunnels run up to
@@ -110,8 +101,7 @@ impl Proxy {
         }
         let sweeper = {
             let ctx2 = Arc::clone(&ctx);
-            ctx.governor
-                .start_sweeper(move |clients, rate| ctx2.metrics.limiter_keys(clients, rate))
+            ctx.governor.start_sweeper(move |clients, rate| ctx2.metrics.limiter_keys(clients, rate))
         };
         let upkeep = {
             let ctx2 = Arc::clone(&ctx);
@@ -126,12 +116,7 @@ impl Proxy {
         let mut accept_loops = Vec::new();
         for (addr, l) in self.listeners {
             info!(%addr, "proxy listener up");
-            accept_loops.push(tokio::spawn(accept_loop(
-                l,
-                addr,
-                Arc::clone(&ctx),
-                tracker.clone(),
-            )));
+            accept_loops.push(tokio::spawn(accept_loop(l, addr, Arc::clone(&ctx), tracker.clone())));
         }
 
         shutdown.await;
@@ -143,10 +128,7 @@ impl Proxy {
         }
         tracker.close();
         if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-            warn!(
-                active = ctx.governor.active_tunnels(),
-                "drain deadline passed; closing remaining tunnels"
-            );
+            warn!(active = ctx.governor.active_tunnels(), "drain deadline passed; closing remaining tunnels");
             ctx.stop.cancel();
             let _ = tokio::time::timeout(STOP_GRACE, tracker.wait()).await;
         }
@@ -191,12 +173,7 @@ impl Controller {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    addr: SocketAddr,
-    ctx: Arc<Context>,
-    tracker: TaskTracker,
-) {
+async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Context>, tracker: TaskTracker) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {

@@ -50,10 +50,7 @@ impl Target {
         if authority.contains('@') {
             return Err(TargetError::Userinfo);
         }
-        if authority
-            .bytes()
-            .any(|b| b.is_ascii_control() || b == b' ' || !b.is_ascii())
-        {
+        if authority.bytes().any(|b| b.is_ascii_control() || b == b' ' || !b.is_ascii()) {
             return Err(TargetError::BadHost);
         }
         let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
@@ -72,10 +69,7 @@ impl Target {
             }
             (parse_host(host)?, port)
         };
-        Ok(Target {
-            host,
-            port: parse_port(port)?,
-        })
+        Ok(Target { host, port: parse_port(port)? })
     }
 
     /// The host as text: names as normalised, IPv6 without brackets.
@@ -119,15 +113,12 @@ fn parse_host(raw: &str) -> Result<Host, TargetError> {
     // address in one of inet_aton's spellings, or it is invalid. Never a name.
     let last = host.rsplit('.').next().unwrap_or("");
     if ends_in_number(last) {
-        return parse_ipv4_loose(&host)
-            .map(|ip| Host::Ip(IpAddr::V4(ip)))
-            .ok_or(TargetError::BadHost);
+        return parse_ipv4_loose(&host).map(|ip| Host::Ip(IpAddr::V4(ip))).ok_or(TargetError::BadHost);
     }
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
@@ -204,33 +195,15 @@ mod tests {
         assert_eq!(t.host, Host::Name("example.com".into()));
         assert_eq!(t.port, 443);
         assert_eq!(Target::parse("[::1]:8443").unwrap().host, ip("::1"));
-        assert_eq!(
-            Target::parse("[::ffff:127.0.0.1]:443").unwrap().host,
-            ip("::ffff:127.0.0.1")
-        );
-        assert_eq!(
-            Target::parse("localhost:443").unwrap().to_string(),
-            "localhost:443"
-        );
+        assert_eq!(Target::parse("[::ffff:127.0.0.1]:443").unwrap().host, ip("::ffff:127.0.0.1"));
+        assert_eq!(Target::parse("localhost:443").unwrap().to_string(), "localhost:443");
         assert_eq!(Target::parse("[::1]:443").unwrap().to_string(), "[::1]:443");
     }
 
     #[test]
     fn inet_aton_spellings_are_addresses() {
-        for s in [
-            "127.0.0.1",
-            "127.1",
-            "2130706433",
-            "0x7f000001",
-            "0177.0.0.1",
-            "127.0.1",
-            "0x7f.1",
-        ] {
-            assert_eq!(
-                Target::parse(&format!("{s}:443")).unwrap().host,
-                ip("127.0.0.1"),
-                "{s}"
-            );
+        for s in ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0177.0.0.1", "127.0.1", "0x7f.1"] {
+            assert_eq!(Target::parse(&format!("{s}:443")).unwrap().host, ip("127.0.0.1"), "{s}");
         }
         assert_eq!(Target::parse("0.0.0.0:443").unwrap().host, ip("0.0.0.0"));
         assert_eq!(Target::parse("0:443").unwrap().host, ip("0.0.0.0"));

@@ -69,63 +69,32 @@ impl Tunnel {
         if let Err(r) = shared.acl.check_target(&req.target) {
             return self.refuse(r, Some(&req)).await;
         }
-        let upstream = match dial::dial(
-            &req.target,
-            &shared.resolver,
-            &shared.acl,
-            server.connect_timeout.0,
-        )
-        .await
-        {
+        let upstream = match dial::dial(&req.target, &shared.resolver, &shared.acl, server.connect_timeout.0).await {
             Ok(d) => d,
             Err(r) => return self.refuse(r, Some(&req)).await,
         };
-        ctx.metrics
-            .upstream_connect
-            .record(upstream.connect_time.as_secs_f64());
+        ctx.metrics.upstream_connect.record(upstream.connect_time.as_secs_f64());
         if let Some(t) = upstream.lookup_time {
             ctx.metrics.dns_lookup.record(t.as_secs_f64());
         }
-        if self
-            .client
-            .write_all(reply::established(req.minor_version))
-            .await
-            .is_err()
-        {
+        if self.client.write_all(reply::established(req.minor_version)).await.is_err() {
             debug!("client left before the 200");
             return;
         }
         let idle = server.idle_timeout.0;
         let mode = route.mode;
         drop(shared);
-        self.splice(req, upstream.stream, admission, mode, idle)
-            .await;
+        self.splice(req, upstream.stream, admission, mode, idle).await;
     }
 
     /// Relays until the tunnel ends, then reports it once.
-    async fn splice(
-        self,
-        req: ConnectRequest,
-        upstream: TcpStream,
-        admission: Admission,
-        mode: Mode,
-        idle: Duration,
-    ) {
+    async fn splice(self, req: ConnectRequest, upstream: TcpStream, admission: Admission, mode: Mode, idle: Duration) {
         let ctx = self.ctx;
         let started = Instant::now();
         let _active = ActiveGuard::new(ctx.metrics.tunnels_active(mode));
         let mut up = Meter::new(&ctx, &admission, mode, Direction::Up);
         let mut down = Meter::new(&ctx, &admission, mode, Direction::Down);
-        let end = relay::relay(
-            self.client,
-            upstream,
-            req.leftover,
-            &mut up,
-            &mut down,
-            idle,
-            &ctx.stop,
-        )
-        .await;
+        let end = relay::relay(self.client, upstream, req.leftover, &mut up, &mut down, idle, &ctx.stop).await;
         let duration = started.elapsed();
         ctx.metrics.tunnel_ended(mode, end.as_str(), duration);
         info!(
@@ -144,12 +113,7 @@ impl Tunnel {
     /// Answers a refusal, counts it and logs it once.
     async fn refuse(mut self, refusal: Refusal, req: Option<&ConnectRequest>) {
         let shared = self.ctx.shared();
-        reply::send_refusal(
-            &mut self.client,
-            &refusal,
-            shared.auth.as_ref().map(|a| a.realm()),
-        )
-        .await;
+        reply::send_refusal(&mut self.client, &refusal, shared.auth.as_ref().map(|a| a.realm())).await;
         self.ctx.metrics.refused(&refusal);
         info!(
             client = client_field(self.peer.ip(), self.ctx.log_client).as_deref(),
@@ -241,17 +205,8 @@ mod tests {
         let v4: IpAddr = "203.0.113.77".parse().unwrap();
         let v6: IpAddr = "2001:db8:aa:bb::1".parse().unwrap();
         assert_eq!(client_field(v4, ClientAddressLog::Omit), None);
-        assert_eq!(
-            client_field(v4, ClientAddressLog::Truncate).as_deref(),
-            Some("203.0.113.0/24")
-        );
-        assert_eq!(
-            client_field(v6, ClientAddressLog::Truncate).as_deref(),
-            Some("2001:db8:aa::/48")
-        );
-        assert_eq!(
-            client_field(v4, ClientAddressLog::Full).as_deref(),
-            Some("203.0.113.77")
-        );
+        assert_eq!(client_field(v4, ClientAddressLog::Truncate).as_deref(), Some("203.0.113.0/24"));
+        assert_eq!(client_field(v6, ClientAddressLog::Truncate).as_deref(), Some("2001:db8:aa::/48"));
+        assert_eq!(client_field(v4, ClientAddressLog::Full).as_deref(), Some("203.0.113.77"));
     }
 }

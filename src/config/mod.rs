@@ -172,10 +172,7 @@ pub struct PolicyConfig {
 impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
-            allowed_ports: vec![PortRange {
-                start: 443,
-                end: 443,
-            }],
+            allowed_ports: vec![PortRange { start: 443, end: 443 }],
             deny_private: true,
             allow_hosts: Vec::new(),
             deny_hosts: Vec::new(),
@@ -340,18 +337,15 @@ impl Config {
 
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Config::from_toml(&text, &path.display().to_string())
     }
 
     /// The embedded defaults.
     pub fn embedded() -> Config {
         // The embedded file is checked by a unit test, so this cannot fail in a release.
-        Config::from_toml(DEFAULT_CONFIG, "embedded defaults")
-            .expect("embedded default config is valid")
+        Config::from_toml(DEFAULT_CONFIG, "embedded defaults").expect("embedded default config is valid")
     }
 
     /// The rules that span keys or that serde cannot express.
@@ -363,10 +357,7 @@ impl Config {
         };
         let s = &self.server;
         if s.listen.is_empty() {
-            return Err(invalid(
-                "server.listen",
-                "at least one listen address is needed".into(),
-            ));
+            return Err(invalid("server.listen", "at least one listen address is needed".into()));
         }
         for (i, a) in s.listen.iter().enumerate() {
             if s.listen[..i].contains(a) && a.port() != 0 {
@@ -380,10 +371,7 @@ impl Config {
             }
         }
         if !(256..=1 << 20).contains(&s.max_header_bytes) {
-            return Err(invalid(
-                "server.max_header_bytes",
-                format!("{} is outside 256..=1048576", s.max_header_bytes),
-            ));
+            return Err(invalid("server.max_header_bytes", format!("{} is outside 256..=1048576", s.max_header_bytes)));
         }
         for (key, d) in [
             ("server.header_timeout", s.header_timeout),
@@ -397,10 +385,7 @@ impl Config {
         }
         let l = &self.limits;
         if l.max_tunnels == Some(0) {
-            return Err(invalid(
-                "limits.max_tunnels",
-                "0 would refuse every tunnel; remove the key for no cap".into(),
-            ));
+            return Err(invalid("limits.max_tunnels", "0 would refuse every tunnel; remove the key for no cap".into()));
         }
         let pc = &l.per_client;
         if pc.max_tunnels == Some(0) {
@@ -416,31 +401,19 @@ impl Config {
             ));
         }
         if !(1..=128).contains(&pc.ipv6_prefix) {
-            return Err(invalid(
-                "limits.per_client.ipv6_prefix",
-                format!("{} is outside 1..=128", pc.ipv6_prefix),
-            ));
+            return Err(invalid("limits.per_client.ipv6_prefix", format!("{} is outside 1..=128", pc.ipv6_prefix)));
         }
         if self.policy.allowed_ports.is_empty() {
-            return Err(invalid(
-                "policy.allowed_ports",
-                "at least one port is needed, e.g. [443]".into(),
-            ));
+            return Err(invalid("policy.allowed_ports", "at least one port is needed, e.g. [443]".into()));
         }
         for name in self.dns.hosts.keys() {
-            if HostPattern::parse(name)
-                .map(|p| !matches!(p, HostPattern::Exact(_)))
-                .unwrap_or(true)
-            {
+            if HostPattern::parse(name).map(|p| !matches!(p, HostPattern::Exact(_))).unwrap_or(true) {
                 return Err(invalid("dns.hosts", format!("{name:?} is not a host name")));
             }
         }
         for (i, route) in self.routes.iter().enumerate() {
             if route.hosts.is_empty() {
-                return Err(invalid(
-                    &format!("routes[{i}].hosts"),
-                    "a route needs at least one host pattern".into(),
-                ));
+                return Err(invalid(&format!("routes[{i}].hosts"), "a route needs at least one host pattern".into()));
             }
             if let Some(rl) = &route.per_client {
                 if rl.max_tunnels == Some(0) {
@@ -453,10 +426,7 @@ impl Config {
         }
         if let Some(auth) = &self.auth {
             if auth.realm.contains('"') || auth.realm.chars().any(|c| c.is_control()) {
-                return Err(invalid(
-                    "auth.realm",
-                    "may not contain quotes or control characters".into(),
-                ));
+                return Err(invalid("auth.realm", "may not contain quotes or control characters".into()));
             }
         }
         Ok(())
@@ -494,10 +464,7 @@ mod tests {
         assert!(err("[server]\nheader_timeout = \"10x\"").contains("header_timeout"));
         assert!(err("[server]\nlisten = []").contains("server.listen"));
         assert!(err("[server]\nbogus = 1").contains("bogus"));
-        assert!(
-            err("[limits.per_client]\nnew_tunnels_burst = 5")
-                .contains("limits.per_client.new_tunnels_burst")
-        );
+        assert!(err("[limits.per_client]\nnew_tunnels_burst = 5").contains("limits.per_client.new_tunnels_burst"));
         assert!(err("[limits.per_client]\nbandwidth_up = \"5 furlongs\"").contains("bandwidth_up"));
         assert!(err("[policy]\nallowed_ports = [70000]").contains("allowed_ports"));
         assert!(err("[policy]\ndeny_cidrs = [\"10.0.0.0/33\"]").contains("deny_cidrs"));

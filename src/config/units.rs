@@ -15,13 +15,9 @@ pub struct HumanDuration(pub Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(HumanDuration)
-            .map_err(|e| {
-                de::Error::custom(format!(
-                    "invalid duration {s:?} ({e}); write e.g. \"10s\", \"250ms\", \"5m\""
-                ))
-            })
+        humantime::parse_duration(s.trim()).map(HumanDuration).map_err(|e| {
+            de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"10s\", \"250ms\", \"5m\""))
+        })
     }
 }
 
@@ -46,13 +42,11 @@ impl ByteRate {
     pub fn parse(input: &str) -> Result<ByteRate, String> {
         let s = input.trim();
         let s = s.strip_suffix("/s").unwrap_or(s).trim_end();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let value: f64 = num.parse().map_err(|_| {
-            format!("invalid byte rate {input:?}: expected a number and a unit, e.g. \"10 MiB/s\"")
-        })?;
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid byte rate {input:?}: expected a number and a unit, e.g. \"10 MiB/s\""))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KB" | "kB" => 1_000,
@@ -69,9 +63,7 @@ impl ByteRate {
         };
         let bytes = value * mult as f64;
         if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
-            return Err(format!(
-                "invalid byte rate {input:?}: must be at least 1 byte per second"
-            ));
+            return Err(format!("invalid byte rate {input:?}: must be at least 1 byte per second"));
         }
         Ok(ByteRate(bytes.round() as u64))
     }
@@ -95,9 +87,7 @@ impl<'de> Deserialize<'de> for ByteRate {
         impl Visitor<'_> for V {
             type Value = ByteRate;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(
-                    "a byte rate such as \"10 MiB/s\" or an integer number of bytes per second",
-                )
+                f.write_str("a byte rate such as \"10 MiB/s\" or an integer number of bytes per second")
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteRate, E> {
                 if v < 1 {

@@ -50,16 +50,10 @@ impl Limiter {
     fn new(rate: ByteRate) -> Limiter {
         let period_ns = (CELL as u128 * 1_000_000_000 / rate.bytes_per_sec() as u128).max(1);
         let burst = burst_cells(rate);
-        let quota = Quota::with_period(Duration::from_nanos(
-            u64::try_from(period_ns).unwrap_or(u64::MAX),
-        ))
-        .expect("period is at least 1 ns")
-        .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
-        Limiter {
-            rate,
-            burst,
-            gcra: DefaultDirectRateLimiter::direct(quota),
-        }
+        let quota = Quota::with_period(Duration::from_nanos(u64::try_from(period_ns).unwrap_or(u64::MAX)))
+            .expect("period is at least 1 ns")
+            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+        Limiter { rate, burst, gcra: DefaultDirectRateLimiter::direct(quota) }
     }
 }
 

@@ -19,12 +19,7 @@ impl Gauge {
             if cap.is_some_and(|c| cur >= c) {
                 return None;
             }
-            match self.active.compare_exchange_weak(
-                cur,
-                cur + 1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
+            match self.active.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => return Some(GaugePermit(Arc::clone(self))),
                 Err(now) => cur = now,
             }
@@ -57,14 +52,8 @@ mod tests {
         let a = g.try_acquire(Some(2)).unwrap();
         let _b = g.try_acquire(Some(2)).unwrap();
         assert!(g.try_acquire(Some(2)).is_none());
-        assert!(
-            g.try_acquire(Some(3)).is_some(),
-            "a raised cap admits at once"
-        );
-        assert!(
-            g.try_acquire(Some(1)).is_none(),
-            "a lowered cap admits nobody new"
-        );
+        assert!(g.try_acquire(Some(3)).is_some(), "a raised cap admits at once");
+        assert!(g.try_acquire(Some(1)).is_none(), "a lowered cap admits nobody new");
         drop(a);
         assert_eq!(g.active(), 1);
         assert!(g.try_acquire(None).is_some());

@@ -47,11 +47,7 @@ impl ClientKey {
             IpAddr::V4(v4) => ClientKey::V4(v4),
             IpAddr::V6(v6) => {
                 let bits = u32::from(ipv6_prefix.min(128));
-                let mask = if bits == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - bits)
-                };
+                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
                 ClientKey::V6(Ipv6Addr::from(u128::from(v6) & mask))
             }
         }
@@ -152,8 +148,7 @@ impl Governor {
     /// Active counts are kept, so a lowered cap admits nobody until enough tunnels end.
     pub fn update(&self, config: &Config) {
         let pc = &config.limits.per_client;
-        self.rate
-            .configure(pc.new_tunnels_per_second, pc.new_tunnels_burst);
+        self.rate.configure(pc.new_tunnels_per_second, pc.new_tunnels_burst);
         self.settings.store(Arc::new(Settings {
             limits: config.limits.clone(),
             routes: config.routes.iter().map(|r| r.per_client.clone()).collect(),
@@ -167,30 +162,19 @@ impl Governor {
 
     /// Admits one tunnel for `client` to a destination on `route` (a route index), or says
     /// why not. Cheapest refusal first.
-    pub fn admit(
-        self: &Arc<Self>,
-        client: &ClientKey,
-        route: Option<usize>,
-    ) -> Result<Admission, Refusal> {
+    pub fn admit(self: &Arc<Self>, client: &ClientKey, route: Option<usize>) -> Result<Admission, Refusal> {
         let settings = self.settings.load();
-        let global = self
-            .global
-            .try_acquire(settings.limits.max_tunnels)
-            .ok_or(Refusal::GlobalCap)?;
+        let global = self.global.try_acquire(settings.limits.max_tunnels).ok_or(Refusal::GlobalCap)?;
         let (client_state, client_permit) = self
             .acquire_client(client.clone(), None, settings.limits.per_client.max_tunnels)
             .ok_or(Refusal::ClientCap)?;
-        self.rate
-            .check(client)
-            .map_err(|retry_after| Refusal::ClientRate { retry_after })?;
-        let route_scope =
-            match route.and_then(|i| settings.routes.get(i).cloned().flatten().map(|l| (i, l))) {
-                Some((i, limits)) => Some(
-                    self.acquire_client(client.clone(), Some(i), limits.max_tunnels)
-                        .ok_or(Refusal::RouteCap)?,
-                ),
-                None => None,
-            };
+        self.rate.check(client).map_err(|retry_after| Refusal::ClientRate { retry_after })?;
+        let route_scope = match route.and_then(|i| settings.routes.get(i).cloned().flatten().map(|l| (i, l))) {
+            Some((i, limits)) => {
+                Some(self.acquire_client(client.clone(), Some(i), limits.max_tunnels).ok_or(Refusal::RouteCap)?)
+            }
+            None => None,
+        };
         Ok(Admission {
             governor: Arc::clone(self),
             client: client_state,
@@ -224,12 +208,8 @@ impl Governor {
     /// Drops per-client state nobody uses and that has been quiet for a sweep interval, and
     /// the rate limiter's keys that are back to a fresh state. Returns (clients, rate keys).
     pub fn sweep(&self) -> (usize, usize) {
-        let horizon = self
-            .now_ms()
-            .saturating_sub(SWEEP_INTERVAL.as_millis() as u64);
-        self.clients.retain(|_, st| {
-            Arc::strong_count(st) > 1 || st.last_used_ms.load(Ordering::Relaxed) > horizon
-        });
+        let horizon = self.now_ms().saturating_sub(SWEEP_INTERVAL.as_millis() as u64);
+        self.clients.retain(|_, st| Arc::strong_count(st) > 1 || st.last_used_ms.load(Ordering::Relaxed) > horizon);
         self.clients.shrink_to_fit();
         (self.clients.len(), self.rate.sweep())
     }
@@ -246,16 +226,11 @@ impl Governor {
 
     /// Active tunnels of one client (not route-scoped).
     pub fn active_for(&self, client: &ClientKey) -> u32 {
-        self.clients
-            .get(&(client.clone(), None))
-            .map_or(0, |s| s.tunnels.active())
+        self.clients.get(&(client.clone(), None)).map_or(0, |s| s.tunnels.active())
     }
 
     /// Starts the sweeper; it stops when the returned guard is dropped or the governor goes.
-    pub fn start_sweeper(
-        self: &Arc<Self>,
-        on_sweep: impl Fn(usize, usize) + Send + 'static,
-    ) -> SweeperGuard {
+    pub fn start_sweeper(self: &Arc<Self>, on_sweep: impl Fn(usize, usize) + Send + 'static) -> SweeperGuard {
         let weak = Arc::downgrade(self);
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_INTERVAL);
@@ -330,21 +305,13 @@ impl Throttle {
             .and_then(|i| s.routes.get(i))
             .and_then(Option::as_ref)
             .and_then(|r| pick(r.bandwidth_up, r.bandwidth_down));
-        [
-            pick(pc.bandwidth_up, pc.bandwidth_down),
-            route,
-            s.limits.bandwidth,
-        ]
+        [pick(pc.bandwidth_up, pc.bandwidth_down), route, s.limits.bandwidth]
     }
 
     /// Largest chunk the relay should read, or `None` when no budget applies.
     pub fn max_chunk(&self) -> Option<usize> {
         let s = self.governor.settings.load();
-        self.rates(&s)
-            .into_iter()
-            .flatten()
-            .map(bandwidth::chunk_for)
-            .min()
+        self.rates(&s).into_iter().flatten().map(bandwidth::chunk_for).min()
     }
 
     /// Waits until `n` bytes may pass: client budget, then route, then global.
@@ -372,9 +339,7 @@ impl Throttle {
                 waited.0[i] = bucket.take(*rate, cells).await;
             }
         }
-        self.client
-            .last_used_ms
-            .store(self.governor.now_ms(), Ordering::Relaxed);
+        self.client.last_used_ms.store(self.governor.now_ms(), Ordering::Relaxed);
         waited
     }
 }
@@ -402,9 +367,7 @@ mod tests {
 
     #[tokio::test]
     async fn caps_and_release() {
-        let g = Governor::new(&config(
-            "[limits]\nmax_tunnels = 3\n[limits.per_client]\nmax_tunnels = 2",
-        ));
+        let g = Governor::new(&config("[limits]\nmax_tunnels = 3\n[limits.per_client]\nmax_tunnels = 2"));
         let a = ClientKey::V4("127.0.0.2".parse().unwrap());
         let b = ClientKey::V4("127.0.0.3".parse().unwrap());
         let a1 = g.admit(&a, None).unwrap();
@@ -419,9 +382,7 @@ mod tests {
 
     #[tokio::test]
     async fn rate_refusal_says_when() {
-        let g = Governor::new(&config(
-            "[limits.per_client]\nnew_tunnels_per_second = 1\nnew_tunnels_burst = 2",
-        ));
+        let g = Governor::new(&config("[limits.per_client]\nnew_tunnels_per_second = 1\nnew_tunnels_burst = 2"));
         let a = ClientKey::V4("127.0.0.2".parse().unwrap());
         drop(g.admit(&a, None).unwrap());
         drop(g.admit(&a, None).unwrap());
@@ -437,25 +398,16 @@ mod tests {
     #[tokio::test]
     async fn sweep_forgets_idle_clients_only() {
         let g = Governor::new(&config("[limits.per_client]\nmax_tunnels = 5"));
-        let held = g
-            .admit(&ClientKey::V4("127.0.0.2".parse().unwrap()), None)
-            .unwrap();
+        let held = g.admit(&ClientKey::V4("127.0.0.2".parse().unwrap()), None).unwrap();
         for i in 0..1000u32 {
-            drop(
-                g.admit(&ClientKey::V6(Ipv6Addr::from(u128::from(i) << 64)), None)
-                    .unwrap(),
-            );
+            drop(g.admit(&ClientKey::V6(Ipv6Addr::from(u128::from(i) << 64)), None).unwrap());
         }
         assert_eq!(g.tracked_keys().0, 1001);
         // Pretend a sweep interval has passed.
         for st in g.clients.iter() {
             st.last_used_ms.store(0, Ordering::Relaxed);
         }
-        assert_eq!(
-            g.sweep().0,
-            1,
-            "only the state a tunnel still holds is kept"
-        );
+        assert_eq!(g.sweep().0, 1, "only the state a tunnel still holds is kept");
         drop(held);
     }
 }

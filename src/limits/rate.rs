@@ -52,9 +52,7 @@ impl NewTunnelRate {
         let Some(k) = guard.as_ref() else {
             return Ok(());
         };
-        k.limiter
-            .check_key(key)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        k.limiter.check_key(key).map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
     /// Drops keys whose state equals a fresh one; returns the keys left.

@@ -60,10 +60,7 @@ impl Acl {
     /// Post-DNS: one resolved (or literal) address.
     pub fn check_addr(&self, addr: SocketAddr) -> Result<(), Refusal> {
         let ip = addr.ip().to_canonical();
-        let listed = |nets: &[IpNet]| {
-            nets.iter()
-                .any(|n| n.contains(&ip) || n.contains(&addr.ip()))
-        };
+        let listed = |nets: &[IpNet]| nets.iter().any(|n| n.contains(&ip) || n.contains(&addr.ip()));
         if listed(&self.deny_cidrs) {
             return Err(Refusal::AddressDenied);
         }
@@ -71,11 +68,7 @@ impl Acl {
             return Err(Refusal::AddressDenied);
         }
         if !self.allow_cidrs.is_empty() {
-            return if listed(&self.allow_cidrs) {
-                Ok(())
-            } else {
-                Err(Refusal::AddressDenied)
-            };
+            return if listed(&self.allow_cidrs) { Ok(()) } else { Err(Refusal::AddressDenied) };
         }
         if self.deny_private && !is_public(ip) {
             return Err(Refusal::AddressDenied);
@@ -88,8 +81,7 @@ impl Acl {
         self.own.iter().any(|own| {
             own.port() == addr.port()
                 && (own.ip().to_canonical() == addr.ip()
-                    || (own.ip().is_unspecified()
-                        && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+                    || (own.ip().is_unspecified() && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
         })
     }
 }
@@ -130,13 +122,13 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         0 if s[1..6] == [0; 5] => false, // IPv4-compatible ::a.b.c.d (deprecated)
         0x64 if s[1] == 0xff9b && s[2..6] == [0; 4] => is_public_v4(embedded_v4(s[6], s[7])), // NAT64
         0x64 if s[1] == 0xff9b && s[2] == 1 => false, // local-use NAT64 64:ff9b:1::/48
-        0x100 if s[1..4] == [0; 3] => false,          // discard-only 100::/64
-        0x2001 if s[1] == 0 => false,                 // Teredo (embeds an obfuscated IPv4)
-        0x2001 if s[1] == 0xdb8 => false,             // documentation
+        0x100 if s[1..4] == [0; 3] => false, // discard-only 100::/64
+        0x2001 if s[1] == 0 => false,    // Teredo (embeds an obfuscated IPv4)
+        0x2001 if s[1] == 0xdb8 => false, // documentation
         0x2002 => is_public_v4(embedded_v4(s[1], s[2])), // 6to4
-        x if x & 0xfe00 == 0xfc00 => false,           // ULA fc00::/7
-        x if x & 0xffc0 == 0xfe80 => false,           // link-local fe80::/10
-        x if x & 0xffc0 == 0xfec0 => false,           // site-local fec0::/10 (deprecated)
+        x if x & 0xfe00 == 0xfc00 => false, // ULA fc00::/7
+        x if x & 0xffc0 == 0xfe80 => false, // link-local fe80::/10
+        x if x & 0xffc0 == 0xfec0 => false, // site-local fec0::/10 (deprecated)
         _ => true,
     }
 }
@@ -196,33 +188,15 @@ mod tests {
     }
 
     fn acl(policy: PolicyConfig) -> Acl {
-        Acl::new(
-            &policy,
-            vec![
-                "127.0.0.1:8080".parse().unwrap(),
-                "0.0.0.0:9000".parse().unwrap(),
-            ],
-        )
+        Acl::new(&policy, vec!["127.0.0.1:8080".parse().unwrap(), "0.0.0.0:9000".parse().unwrap()])
     }
 
     #[test]
     fn own_listeners_are_never_targets() {
-        let a = acl(PolicyConfig {
-            deny_private: false,
-            ..PolicyConfig::default()
-        });
-        assert_eq!(
-            a.check_addr("127.0.0.1:8080".parse().unwrap()),
-            Err(Refusal::AddressDenied)
-        );
-        assert_eq!(
-            a.check_addr("127.0.0.2:9000".parse().unwrap()),
-            Err(Refusal::AddressDenied)
-        );
-        assert_eq!(
-            a.check_addr("[::ffff:127.0.0.1]:8080".parse().unwrap()),
-            Err(Refusal::AddressDenied)
-        );
+        let a = acl(PolicyConfig { deny_private: false, ..PolicyConfig::default() });
+        assert_eq!(a.check_addr("127.0.0.1:8080".parse().unwrap()), Err(Refusal::AddressDenied));
+        assert_eq!(a.check_addr("127.0.0.2:9000".parse().unwrap()), Err(Refusal::AddressDenied));
+        assert_eq!(a.check_addr("[::ffff:127.0.0.1]:8080".parse().unwrap()), Err(Refusal::AddressDenied));
         assert_eq!(a.check_addr("127.0.0.1:8081".parse().unwrap()), Ok(()));
     }
 
@@ -233,16 +207,8 @@ mod tests {
             deny_cidrs: vec!["127.0.0.9/32".parse().unwrap()],
             ..PolicyConfig::default()
         });
-        assert_eq!(
-            a.check_addr("127.0.0.5:443".parse().unwrap()),
-            Ok(()),
-            "allow_cidrs exempts from deny_private"
-        );
-        assert_eq!(
-            a.check_addr("127.0.0.9:443".parse().unwrap()),
-            Err(Refusal::AddressDenied),
-            "deny wins"
-        );
+        assert_eq!(a.check_addr("127.0.0.5:443".parse().unwrap()), Ok(()), "allow_cidrs exempts from deny_private");
+        assert_eq!(a.check_addr("127.0.0.9:443".parse().unwrap()), Err(Refusal::AddressDenied), "deny wins");
         assert_eq!(
             a.check_addr("127.0.1.1:443".parse().unwrap()),
             Err(Refusal::AddressDenied),
@@ -259,17 +225,8 @@ mod tests {
         });
         let t = |s: &str| Target::parse(s).unwrap();
         assert_eq!(a.check_target(&t("www.example.com:443")), Ok(()));
-        assert_eq!(
-            a.check_target(&t("www.example.com:80")),
-            Err(Refusal::PortDenied)
-        );
-        assert_eq!(
-            a.check_target(&t("bad.example.com:443")),
-            Err(Refusal::HostDenied)
-        );
-        assert_eq!(
-            a.check_target(&t("other.org:443")),
-            Err(Refusal::HostDenied)
-        );
+        assert_eq!(a.check_target(&t("www.example.com:80")), Err(Refusal::PortDenied));
+        assert_eq!(a.check_target(&t("bad.example.com:443")), Err(Refusal::HostDenied));
+        assert_eq!(a.check_target(&t("other.org:443")), Err(Refusal::HostDenied));
     }
 }

@@ -23,16 +23,8 @@ pub fn lookup<'a>(routes: &'a [RouteConfig], target: &Target) -> RouteMatch<'a> 
         .iter()
         .enumerate()
         .find(|(_, r)| any_matches(&r.hosts, &host))
-        .map(|(i, r)| RouteMatch {
-            index: Some(i),
-            mode: r.mode,
-            limits: r.per_client.as_ref(),
-        })
-        .unwrap_or(RouteMatch {
-            index: None,
-            mode: Mode::Tunnel,
-            limits: None,
-        })
+        .map(|(i, r)| RouteMatch { index: Some(i), mode: r.mode, limits: r.per_client.as_ref() })
+        .unwrap_or(RouteMatch { index: None, mode: Mode::Tunnel, limits: None })
 }
 
 #[cfg(test)]
@@ -43,16 +35,8 @@ mod tests {
     #[test]
     fn first_match_wins_and_default_is_tunnel() {
         let routes = vec![
-            RouteConfig {
-                hosts: vec![HostPattern::parse("a.example").unwrap()],
-                mode: Mode::Tunnel,
-                per_client: None,
-            },
-            RouteConfig {
-                hosts: vec![HostPattern::parse("*.example").unwrap()],
-                mode: Mode::Deny,
-                per_client: None,
-            },
+            RouteConfig { hosts: vec![HostPattern::parse("a.example").unwrap()], mode: Mode::Tunnel, per_client: None },
+            RouteConfig { hosts: vec![HostPattern::parse("*.example").unwrap()], mode: Mode::Deny, per_client: None },
         ];
         let t = |s: &str| Target::parse(s).unwrap();
         assert_eq!(lookup(&routes, &t("a.example:443")).mode, Mode::Tunnel);

@@ -1,0 +1,82 @@
+//! Graceful drain: stop accepting at once, let running tunnels finish up to the deadline,
+//! then close them; readiness says so while draining.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn running_tunnels_finish_while_new_clients_are_turned_away() {
+    let origin = Origin::echo().await;
+    let mut proxy =
+        TestProxy::start(&format!("[server]\ndrain_timeout = \"10s\"\n{}", loopback_policy(&[origin.port()]))).await;
+    assert_eq!(proxy.admin_get("/readyz").await.0, 200);
+    let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
+    assert_eq!(head.status, 200);
+    let admin = proxy.admin.unwrap();
+    let stopped = proxy.begin_shutdown();
+    // Readiness flips and the listener closes.
+    bounded(async {
+        loop {
+            let mut a = tokio::net::TcpStream::connect(admin).await.unwrap();
+            a.write_all(b"GET /readyz HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut out = String::new();
+            a.read_to_string(&mut out).await.unwrap();
+            if out.starts_with("HTTP/1.1 503") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    bounded(async {
+        while tokio::net::TcpStream::connect(proxy.addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // The running tunnel still works.
+    s.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    bounded(s.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"still here");
+    assert!(!stopped.is_finished(), "the proxy waits for the tunnel");
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    bounded(s.read_to_end(&mut rest)).await.unwrap();
+    bounded(stopped).await.unwrap();
+}
+
+#[tokio::test]
+async fn tunnels_past_the_drain_deadline_are_closed() {
+    let origin = Origin::echo().await;
+    let mut proxy =
+        TestProxy::start(&format!("[server]\ndrain_timeout = \"300ms\"\n{}", loopback_policy(&[origin.port()]))).await;
+    let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
+    assert_eq!(head.status, 200);
+    let controller = proxy.controller.clone();
+    let started = Instant::now();
+    bounded(proxy.begin_shutdown()).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    let mut buf = [0u8; 4];
+    let n = bounded(s.read(&mut buf)).await.unwrap_or(0);
+    assert_eq!(n, 0, "the tunnel was closed at the deadline");
+    assert_eq!(controller.active_tunnels(), 0);
+    let metrics = controller.render_metrics();
+    assert_eq!(metric_value(&metrics, "veilgate_tunnels_total{mode=\"tunnel\",outcome=\"shutdown\"}"), Some(1.0));
+}
+
+#[tokio::test]
+async fn clients_still_sending_their_head_are_dropped_at_drain() {
+    let mut proxy = TestProxy::start("").await;
+    let mut s = dial_proxy(proxy.addr, None).await;
+    s.write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    bounded(proxy.begin_shutdown()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = bounded(s.read_to_end(&mut buf)).await;
+    assert!(buf.is_empty(), "nothing was promised, nothing is sent");
+}

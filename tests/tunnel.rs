@@ -1,0 +1,211 @@
+//! The blind tunnel: exact bytes, pipelined bytes, half-close, HTTP/1.0, IPv6, anonymity,
+//! idle timeout, and a real curl through to a TLS origin.
+
+mod common;
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const EIGHT_MIB: usize = 8 << 20;
+
+#[tokio::test]
+async fn exact_bytes_both_ways() {
+    // The origin sends 8 MiB down while it reads 8 MiB up, and reports the hash of what it got.
+    let down_data = Arc::new(pattern(EIGHT_MIB, 7));
+    let up_hash = Arc::new(Mutex::new(None::<Vec<u8>>));
+    let (d, h) = (Arc::clone(&down_data), Arc::clone(&up_hash));
+    let origin = Origin::spawn(move |s| {
+        let (d, h) = (Arc::clone(&d), Arc::clone(&h));
+        async move {
+            let (mut r, mut w) = s.into_split();
+            let writer = tokio::spawn(async move {
+                w.write_all(&d).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.unwrap();
+            *h.lock().unwrap() = Some(Sha256::digest(&got).to_vec());
+            writer.await.unwrap();
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&loopback_policy(&[origin.port()])).await;
+    let (head, s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
+    assert_eq!(head.status, 200, "{}", head.text);
+    assert_eq!(head.text, "HTTP/1.1 200 Connection Established\r\n\r\n");
+    let up_data = pattern(EIGHT_MIB, 11);
+    let (mut r, mut w) = s.into_split();
+    let up = up_data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&up).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    bounded(r.read_to_end(&mut got)).await.unwrap();
+    bounded(writer).await.unwrap();
+    assert_eq!(got.len(), EIGHT_MIB);
+    assert_eq!(Sha256::digest(&got), Sha256::digest(&*down_data), "downstream bytes differ");
+    let origin_hash = bounded(async {
+        loop {
+            if let Some(h) = up_hash.lock().unwrap().clone() {
+                return h;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(origin_hash, Sha256::digest(&up_data).to_vec(), "upstream bytes differ");
+    assert_eq!(proxy.metric("veilgate_tunnel_bytes_total{mode=\"tunnel\",direction=\"up\"}").await, EIGHT_MIB as f64);
+}
+
+#[tokio::test]
+async fn bytes_pipelined_with_the_head_go_first() {
+    let origin = Origin::echo().await;
+    let proxy = TestProxy::start(&loopback_policy(&[origin.port()])).await;
+    let mut s = dial_proxy(proxy.addr, None).await;
+    let req = format!("CONNECT {} HTTP/1.1\r\nHost: x\r\n\r\n\x16\x03\x01hello-pipelined", origin.addr);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = read_reply_head(&mut s).await;
+    assert_eq!(head.status, 200);
+    let mut buf = vec![0u8; 18];
+    bounded(s.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"\x16\x03\x01hello-pipelined");
+}
+
+#[tokio::test]
+async fn half_close_lets_the_origin_answer_after_eof() {
+    let origin = Origin::spawn(|mut s| async move {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        let reply = format!("got {} bytes after your EOF", got.len());
+        s.write_all(reply.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+    })
+    .await;
+    let proxy = TestProxy::start(&loopback_policy(&[origin.port()])).await;
+    let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
+    assert_eq!(head.status, 200);
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = String::new();
+    bounded(s.read_to_string(&mut out)).await.unwrap();
+    assert_eq!(out, "got 4 bytes after your EOF");
+}
+
+#[tokio::test]
+async fn http_1_0_connect_gets_a_1_0_reply() {
+    let origin = Origin::echo().await;
+    let proxy = TestProxy::start(&loopback_policy(&[origin.port()])).await;
+    let mut s = dial_proxy(proxy.addr, None).await;
+    s.write_all(format!("CONNECT {} HTTP/1.0\r\n\r\n", origin.addr).as_bytes()).await.unwrap();
+    let head = read_reply_head(&mut s).await;
+    assert_eq!(head.text, "HTTP/1.0 200 Connection Established\r\n\r\n");
+    s.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    bounded(s.read_exact(&mut b)).await.unwrap();
+    assert_eq!(&b, b"x");
+}
+
+#[tokio::test]
+async fn ipv6_literal_target() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no ::1");
+        return;
+    }
+    let origin = Origin::spawn_on("[::1]:0", |mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    let proxy = TestProxy::start(&loopback_policy(&[origin.port()])).await;
+    let (head, mut s) = connect_via(proxy.addr, &format!("[::1]:{}", origin.port())).await;
+    assert_eq!(head.status, 200, "{}", head.text);
+    s.write_all(b"v6").await.unwrap();
+    let mut b = [0u8; 2];
+    bounded(s.read_exact(&mut b)).await.unwrap();
+    assert_eq!(&b, b"v6");
+}
+
+#[tokio::test]
+async fn origin_sees_the_proxy_and_nothing_of_the_head() {
+    // The origin records every byte it receives; only the payload may arrive.
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let rec = Arc::clone(&received);
+    let origin = Origin::spawn(move |mut s| {
+        let rec = Arc::clone(&rec);
+        async move {
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got).await;
+            rec.lock().unwrap().extend_from_slice(&got);
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&loopback_policy(&[origin.port()])).await;
+    let client_ip: IpAddr = "127.0.0.5".parse().unwrap();
+    let mut s = dial_proxy(proxy.addr, Some(client_ip)).await;
+    let head = format!(
+        "CONNECT {} HTTP/1.1\r\nHost: {0}\r\nProxy-Authorization: Basic dXNlcjpwYXNz\r\nUser-Agent: secret-agent/1.0\r\n\
+         X-Forwarded-For: 10.9.8.7\r\nForwarded: for=10.9.8.7\r\nVia: 1.1 client\r\n\r\n",
+        origin.addr
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    assert_eq!(read_reply_head(&mut s).await.status, 200);
+    s.write_all(b"payload only").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    bounded(s.read_to_end(&mut rest)).await.unwrap();
+    bounded(async {
+        while received.lock().unwrap().len() < 12 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(received.lock().unwrap().as_slice(), b"payload only");
+    let peers = origin.peers.lock().unwrap().clone();
+    assert_eq!(peers.len(), 1);
+    assert_ne!(peers[0].ip(), client_ip, "the origin must not see the client's address");
+}
+
+#[tokio::test]
+async fn idle_tunnels_are_closed() {
+    let origin = Origin::echo().await;
+    let toml = format!("[server]\nidle_timeout = \"300ms\"\n{}", loopback_policy(&[origin.port()]));
+    let proxy = TestProxy::start(&toml).await;
+    let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
+    assert_eq!(head.status, 200);
+    let started = Instant::now();
+    let mut buf = [0u8; 8];
+    let n = bounded(s.read(&mut buf)).await.unwrap_or(0);
+    assert_eq!(n, 0, "the proxy closes an idle tunnel");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(proxy.metric("veilgate_tunnels_total{mode=\"tunnel\",outcome=\"idle_timeout\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn real_curl_through_to_a_tls_origin() {
+    let Ok(version) = std::process::Command::new("curl").arg("--version").output() else {
+        eprintln!("skipped: curl is not installed");
+        return;
+    };
+    assert!(version.status.success());
+    let pki = tls::TestPki::new();
+    let origin = tls::TlsOrigin::start(&pki, "hello through veilgate").await;
+    let proxy = TestProxy::start(&loopback_policy(&[origin.addr.port()])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let url = format!("https://localhost:{}/", origin.addr.port());
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-x", &format!("http://{}", proxy.addr), "--cacert"])
+        .arg(&ca)
+        .arg(&url)
+        .output();
+    let out = bounded(out).await.unwrap();
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello through veilgate");
+}
