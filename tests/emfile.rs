@@ -1,0 +1,49 @@
+//! Running out of file descriptors must not kill a listener: accept backs off, and serving
+//! resumes as soon as descriptors are free. This file is its own test process, so lowering
+//! RLIMIT_NOFILE here touches no other test.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn set_nofile(limit: u64) {
+    let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur), 0);
+        let lim = libc::rlimit { rlim_cur: limit.min(cur.rlim_max), rlim_max: cur.rlim_max };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+}
+
+#[tokio::test]
+async fn accept_survives_descriptor_exhaustion() {
+    let origin = Origin::echo().await;
+    let proxy = TestProxy::start(&loopback_policy(&[origin.port()])).await;
+    // Use up the descriptor table: with the limit just above what is open now, client
+    // sockets (in this process) and the proxy's accepted sockets compete for the rest.
+    let open_now = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(64);
+    set_nofile(open_now + 24);
+    let mut hogs = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        hogs.push(f);
+    }
+    // Free one descriptor for a client socket: its connect completes in the kernel's
+    // backlog, and the proxy's accept of it fails with EMFILE while the table is full.
+    hogs.pop();
+    let stuck = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(proxy.addr)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Give the descriptors back; the listener must still be alive and serve a new tunnel.
+    drop(hogs);
+    drop(stuck);
+    set_nofile(4096);
+    let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
+    assert_eq!(head.status, 200, "{}", head.text);
+    s.write_all(b"alive").await.unwrap();
+    let mut b = [0u8; 5];
+    bounded(s.read_exact(&mut b)).await.unwrap();
+    assert_eq!(&b, b"alive");
+}

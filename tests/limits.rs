@@ -1,0 +1,328 @@
+//! The governor on the wire: caps, rates, bandwidth, isolation between clients, reload and
+//! proxy authentication. Transfers are bounded and timing bounds are tolerant.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use veilgate::Config;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+async fn open(proxy: &TestProxy, from: &str, origin: &Origin) -> (ReplyHead, tokio::net::TcpStream) {
+    connect_from(proxy.addr, Some(ip(from)), &origin.addr.to_string()).await
+}
+
+#[tokio::test]
+async fn per_client_cap_admits_exactly_the_cap() {
+    let origin = Origin::echo().await;
+    let proxy =
+        TestProxy::start(&format!("[limits.per_client]\nmax_tunnels = 4\n{}", loopback_policy(&[origin.port()]))).await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..9 {
+        let started = Instant::now();
+        let (head, s) = open(&proxy, "127.0.0.2", &origin).await;
+        match head.status {
+            200 => held.push(s),
+            429 => {
+                refused += 1;
+                assert!(started.elapsed() < Duration::from_secs(1), "a refusal is fast");
+                assert!(head.header("Retry-After").is_none(), "a cap is not a rate: no Retry-After");
+            }
+            other => panic!("unexpected {other}: {}", head.text),
+        }
+    }
+    assert_eq!(held.len(), 4);
+    assert_eq!(refused, 5);
+    assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"client_cap\"}").await, 5.0);
+    // Another client has its own cap.
+    let (head, _other) = open(&proxy, "127.0.0.3", &origin).await;
+    assert_eq!(head.status, 200);
+    // Closing one frees one slot.
+    drop(held.pop());
+    bounded(async {
+        while proxy.controller.active_for_ip(ip("127.0.0.2")) != 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(open(&proxy, "127.0.0.2", &origin).await.0.status, 200);
+}
+
+#[tokio::test]
+async fn abrupt_resets_never_leak_a_slot() {
+    let origin = Origin::echo().await;
+    let proxy =
+        TestProxy::start(&format!("[limits.per_client]\nmax_tunnels = 8\n{}", loopback_policy(&[origin.port()]))).await;
+    for round in 0..500 {
+        let (head, s) = open(&proxy, "127.0.0.4", &origin).await;
+        assert_eq!(head.status, 200, "round {round}");
+        // SO_LINGER 0: close sends a RST instead of a FIN.
+        let std = s.into_std().unwrap();
+        socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(std);
+        if round % 50 == 49 {
+            bounded(async {
+                while proxy.controller.active_for_ip(ip("127.0.0.4")) > 7 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await;
+        }
+    }
+    bounded(async {
+        while proxy.controller.active_for_ip(ip("127.0.0.4")) != 0 || proxy.controller.active_tunnels() != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(proxy.metric("veilgate_tunnels_active{mode=\"tunnel\"}").await, 0.0);
+}
+
+#[tokio::test]
+async fn new_tunnel_rate_gives_429_with_retry_after() {
+    let origin = Origin::echo().await;
+    let toml = format!(
+        "[limits.per_client]\nnew_tunnels_per_second = 1\nnew_tunnels_burst = 3\n{}",
+        loopback_policy(&[origin.port()])
+    );
+    let proxy = TestProxy::start(&toml).await;
+    for _ in 0..3 {
+        assert_eq!(open(&proxy, "127.0.0.6", &origin).await.0.status, 200);
+    }
+    let (head, _) = open(&proxy, "127.0.0.6", &origin).await;
+    assert_eq!(head.status, 429, "{}", head.text);
+    assert_eq!(head.header("Retry-After"), Some("1"), "{}", head.text);
+    assert_eq!(open(&proxy, "127.0.0.7", &origin).await.0.status, 200, "another client has its own budget");
+    assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"client_rate\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn global_cap_gives_503() {
+    let origin = Origin::echo().await;
+    let proxy = TestProxy::start(&format!("[limits]\nmax_tunnels = 2\n{}", loopback_policy(&[origin.port()]))).await;
+    let _a = open(&proxy, "127.0.0.2", &origin).await;
+    let _b = open(&proxy, "127.0.0.3", &origin).await;
+    let (head, _) = open(&proxy, "127.0.0.4", &origin).await;
+    assert_eq!(head.status, 503, "{}", head.text);
+    assert_eq!(proxy.metric("veilgate_config_max_tunnels").await, 2.0);
+}
+
+/// Reads `len` bytes from an origin that streams, and returns how long it took.
+async fn timed_download(proxy: &TestProxy, from: &str, origin: &Origin, len: usize) -> Duration {
+    let (head, mut s) = open(proxy, from, origin).await;
+    assert_eq!(head.status, 200, "{}", head.text);
+    s.write_all(&(len as u64).to_be_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < len {
+        let n = bounded(s.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "stream ended early at {got}");
+        got += n;
+    }
+    started.elapsed()
+}
+
+/// An origin that reads an 8-byte length and sends that many bytes.
+async fn source_origin() -> Origin {
+    Origin::spawn(|mut s| async move {
+        let mut len = [0u8; 8];
+        if s.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let mut left = u64::from_be_bytes(len) as usize;
+        let chunk = vec![0x5au8; 64 * 1024];
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if s.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        let _ = s.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bandwidth_is_paced_and_clients_are_isolated() {
+    let origin = source_origin().await;
+    let toml = format!("[limits.per_client]\nbandwidth_down = \"1 MiB/s\"\n{}", loopback_policy(&[origin.port()]));
+    let proxy = TestProxy::start(&toml).await;
+    // Two clients at once, 2 MiB each at 1 MiB/s each: each lasts 1.5 s to 3 s. Were the
+    // budgets shared, they would take about 4 s.
+    let (a, b) = tokio::join!(
+        timed_download(&proxy, "127.0.0.2", &origin, 2 << 20),
+        timed_download(&proxy, "127.0.0.3", &origin, 2 << 20)
+    );
+    for (who, took) in [("a", a), ("b", b)] {
+        assert!(took >= Duration::from_millis(1500) && took <= Duration::from_secs(3), "client {who}: {took:?}");
+    }
+    let waited = proxy.metric("veilgate_throttle_wait_seconds{scope=\"client\",direction=\"down\"}").await;
+    assert!(waited > 1.0, "throttle wait is counted: {waited}");
+}
+
+#[tokio::test]
+async fn one_clients_tunnels_share_its_budget() {
+    let origin = source_origin().await;
+    let toml = format!("[limits.per_client]\nbandwidth_down = \"2 MiB/s\"\n{}", loopback_policy(&[origin.port()]));
+    let proxy = TestProxy::start(&toml).await;
+    // Two tunnels of one client, 2 MiB each = 4 MiB at 2 MiB/s: about 2 s for both, and
+    // both finish at about the same time (fair turns, not first-come-first-served).
+    let (a, b) = tokio::join!(
+        timed_download(&proxy, "127.0.0.2", &origin, 2 << 20),
+        timed_download(&proxy, "127.0.0.2", &origin, 2 << 20)
+    );
+    assert!(a.max(b) >= Duration::from_millis(1500), "shared budget: {a:?} {b:?}");
+    assert!(a.max(b) <= Duration::from_secs(3), "{a:?} {b:?}");
+    let ratio = a.max(b).as_secs_f64() / a.min(b).as_secs_f64();
+    assert!(ratio < 1.3, "fair sharing: {a:?} vs {b:?}");
+}
+
+#[tokio::test]
+async fn route_limits_apply_to_their_destinations() {
+    let origin = Origin::echo().await;
+    let p = origin.port();
+    let toml = format!(
+        "{}[dns.hosts]\n\"slow.test\" = \"127.0.0.1\"\n\"free.test\" = \"127.0.0.1\"\n\
+         [[routes]]\nhosts = [\"slow.test\"]\n[routes.per_client]\nmax_tunnels = 1\n",
+        loopback_policy(&[p])
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let (h1, _k1) = connect_from(proxy.addr, Some(ip("127.0.0.2")), &format!("slow.test:{p}")).await;
+    assert_eq!(h1.status, 200);
+    let (h2, _) = connect_from(proxy.addr, Some(ip("127.0.0.2")), &format!("slow.test:{p}")).await;
+    assert_eq!(h2.status, 429);
+    let (h3, _k3) = connect_from(proxy.addr, Some(ip("127.0.0.2")), &format!("free.test:{p}")).await;
+    assert_eq!(h3.status, 200, "other destinations are not capped by the route");
+    assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"route_cap\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn reload_raises_and_lowers_caps_with_tunnels_open() {
+    let origin = Origin::echo().await;
+    let base = loopback_policy(&[origin.port()]);
+    let with_cap = |n: u32| {
+        let mut c = Config::from_toml(&format!("[limits.per_client]\nmax_tunnels = {n}\n{base}"), "reload").unwrap();
+        c.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        c.server.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        c
+    };
+    let proxy = TestProxy::start_config(with_cap(2)).await;
+    let mut held = vec![open(&proxy, "127.0.0.2", &origin).await, open(&proxy, "127.0.0.2", &origin).await];
+    assert!(held.iter().all(|(h, _)| h.status == 200));
+    assert_eq!(open(&proxy, "127.0.0.2", &origin).await.0.status, 429);
+    // Raise: one more fits at once; the open tunnels still count.
+    proxy.controller.reload(with_cap(3)).unwrap();
+    held.push(open(&proxy, "127.0.0.2", &origin).await);
+    assert_eq!(held[2].0.status, 200);
+    assert_eq!(open(&proxy, "127.0.0.2", &origin).await.0.status, 429);
+    // Lower below what is open: running tunnels keep working, nobody new gets in.
+    proxy.controller.reload(with_cap(1)).unwrap();
+    assert_eq!(open(&proxy, "127.0.0.2", &origin).await.0.status, 429);
+    let (_, s) = &mut held[0];
+    s.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    bounded(s.read_exact(&mut b)).await.unwrap();
+    // Only when the count drops below the new cap is a tunnel admitted again.
+    held.truncate(0);
+    bounded(async {
+        while proxy.controller.active_for_ip(ip("127.0.0.2")) != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(open(&proxy, "127.0.0.2", &origin).await.0.status, 200);
+    assert_eq!(proxy.metric("veilgate_config_reloads_total{result=\"ok\"}").await, 2.0);
+}
+
+#[tokio::test]
+async fn reload_changes_the_bandwidth_of_running_tunnels() {
+    let origin = source_origin().await;
+    let base = loopback_policy(&[origin.port()]);
+    let with_rate = |rate: &str| {
+        let mut c =
+            Config::from_toml(&format!("[limits.per_client]\nbandwidth_down = \"{rate}\"\n{base}"), "r").unwrap();
+        c.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        c.server.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        c
+    };
+    let proxy = TestProxy::start_config(with_rate("256 KiB/s")).await;
+    let (head, mut s) = open(&proxy, "127.0.0.2", &origin).await;
+    assert_eq!(head.status, 200);
+    s.write_all(&(6u64 << 20).to_be_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    // At 256 KiB/s, 6 MiB would take 24 s; raised to 16 MiB/s after 0.5 s it takes well
+    // under 3 s in all.
+    let started = Instant::now();
+    let mut raised = false;
+    while got < 6 << 20 {
+        if !raised && started.elapsed() > Duration::from_millis(500) {
+            proxy.controller.reload(with_rate("16 MiB/s")).unwrap();
+            raised = true;
+        }
+        let n = bounded(s.read(&mut buf)).await.unwrap();
+        assert!(n > 0);
+        got += n;
+    }
+    assert!(raised);
+    assert!(started.elapsed() < Duration::from_secs(4), "the raised rate applied: {:?}", started.elapsed());
+}
+
+fn htpasswd(dir: &tempfile::TempDir, users: &[(&str, &str)]) -> std::path::PathBuf {
+    let path = dir.path().join("users.htpasswd");
+    let lines: Vec<String> = users.iter().map(|(u, p)| format!("{u}:{}", bcrypt::hash(p, 4).unwrap())).collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+async fn connect_with_auth(proxy: &TestProxy, from: &str, target: &str, auth: Option<&str>) -> ReplyHead {
+    use base64::Engine;
+    let mut s = dial_proxy(proxy.addr, Some(ip(from))).await;
+    let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(a) = auth {
+        req += &format!("Proxy-Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(a));
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = read_reply_head(&mut s).await;
+    // Keep the tunnel open for the caller's caps by leaking the socket into a task.
+    tokio::spawn(async move {
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b).await;
+    });
+    head
+}
+
+#[tokio::test]
+async fn proxy_auth_and_limits_keyed_by_user() {
+    let origin = Origin::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = htpasswd(&dir, &[("alice", "wonderland"), ("bob", "builder")]);
+    let toml = format!(
+        "[auth]\ncredentials_file = \"{}\"\nrealm = \"test realm\"\n[limits.per_client]\nmax_tunnels = 1\n{}",
+        file.display(),
+        loopback_policy(&[origin.port()])
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let t = origin.addr.to_string();
+    let none = connect_with_auth(&proxy, "127.0.0.2", &t, None).await;
+    assert_eq!(none.status, 407);
+    assert_eq!(none.header("Proxy-Authenticate"), Some("Basic realm=\"test realm\""));
+    assert_eq!(connect_with_auth(&proxy, "127.0.0.2", &t, Some("alice:wrong")).await.status, 407);
+    assert_eq!(connect_with_auth(&proxy, "127.0.0.2", &t, Some("mallory:x")).await.status, 407);
+    assert_eq!(connect_with_auth(&proxy, "127.0.0.2", &t, Some("alice:wonderland")).await.status, 200);
+    // Alice's cap follows her to another address; Bob from Alice's address is his own client.
+    assert_eq!(connect_with_auth(&proxy, "127.0.0.3", &t, Some("alice:wonderland")).await.status, 429);
+    assert_eq!(connect_with_auth(&proxy, "127.0.0.2", &t, Some("bob:builder")).await.status, 200);
+    assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"auth_required\"}").await, 3.0);
+    assert_eq!(origin.connections(), 2);
+}
