@@ -111,7 +111,9 @@ async fn reload_on_hup(mut hup: tokio::signal::unix::Signal, controller: Control
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("VEILGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    use std::io::IsTerminal;
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(std::io::stdout().is_terminal());
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

@@ -410,4 +410,20 @@ mod tests {
         assert_eq!(g.sweep().0, 1, "only the state a tunnel still holds is kept");
         drop(held);
     }
+
+    #[tokio::test]
+    async fn a_flood_of_distinct_clients_leaves_nothing_behind() {
+        let g = Governor::new(&config("[limits.per_client]\nmax_tunnels = 5\nnew_tunnels_per_second = 1000"));
+        for i in 0..100_000u32 {
+            drop(g.admit(&ClientKey::V4(Ipv4Addr::from(i)), None).unwrap());
+        }
+        assert_eq!(g.tracked_keys(), (100_000, 100_000));
+        for st in g.clients.iter() {
+            st.last_used_ms.store(0, Ordering::Relaxed);
+        }
+        // One token at 1000/s is back to a fresh state after 1 ms.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(g.sweep(), (0, 0));
+        assert!(g.clients.capacity() < 4096, "the map gave its memory back: {}", g.clients.capacity());
+    }
 }
