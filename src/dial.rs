@@ -233,6 +233,11 @@ pub fn tune(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
+/// Sets the receive buffer of a socket (the kernel doubles the value and stops autotuning).
+pub fn set_receive_buffer(stream: &TcpStream, bytes: usize) {
+    let _ = socket2::SockRef::from(stream).set_recv_buffer_size(bytes);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

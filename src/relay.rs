@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Default chunk: large enough that bulk transfers make few system calls, small enough that
 /// an idle-then-busy tunnel does not hold much.
-pub const BUF_SIZE: usize = 32 * 1024;
+pub const BUF_SIZE: usize = 64 * 1024;
 
 /// What one direction of the relay asks of, and reports to, the layers around it.
 pub trait Flow: Send {
@@ -76,12 +76,14 @@ impl Activity {
     }
 }
 
-/// Relays between `client` and `upstream` until the tunnel ends. `first_up` are bytes the
-/// client sent along with its CONNECT head; they go upstream before anything else.
+/// Relays between a client and an upstream, each given as its read and write halves (split
+/// a `TcpStream` with `split()`, which costs nothing; a TLS stream with `tokio::io::split`),
+/// until the tunnel ends. `first_up` are bytes the client sent along with its CONNECT head;
+/// they go upstream before anything else.
 #[allow(clippy::too_many_arguments)]
-pub async fn relay<C, U, FU, FD>(
-    client: C,
-    upstream: U,
+pub async fn relay<CR, CW, UR, UW, FU, FD>(
+    (mut client_r, mut client_w): (CR, CW),
+    (mut up_r, mut up_w): (UR, UW),
     first_up: Vec<u8>,
     up: &mut FU,
     down: &mut FD,
@@ -89,13 +91,13 @@ pub async fn relay<C, U, FU, FD>(
     stop: &CancellationToken,
 ) -> End
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
     FU: Flow,
     FD: Flow,
 {
-    let (mut client_r, mut client_w) = tokio::io::split(client);
-    let (mut up_r, mut up_w) = tokio::io::split(upstream);
     let activity = Activity { start: Instant::now(), last_ms: AtomicU64::new(0) };
     let both = async {
         tokio::try_join!(

@@ -73,6 +73,12 @@ impl Tunnel {
             Ok(d) => d,
             Err(r) => return self.refuse(r, Some(&req)).await,
         };
+        if let Some(bytes) = admission.receive_buffer(Direction::Up) {
+            dial::set_receive_buffer(&self.client, bytes);
+        }
+        if let Some(bytes) = admission.receive_buffer(Direction::Down) {
+            dial::set_receive_buffer(&upstream.stream, bytes);
+        }
         ctx.metrics.upstream_connect.record(upstream.connect_time.as_secs_f64());
         if let Some(t) = upstream.lookup_time {
             ctx.metrics.dns_lookup.record(t.as_secs_f64());
@@ -88,13 +94,22 @@ impl Tunnel {
     }
 
     /// Relays until the tunnel ends, then reports it once.
-    async fn splice(self, req: ConnectRequest, upstream: TcpStream, admission: Admission, mode: Mode, idle: Duration) {
-        let ctx = self.ctx;
+    async fn splice(
+        mut self,
+        req: ConnectRequest,
+        mut upstream: TcpStream,
+        admission: Admission,
+        mode: Mode,
+        idle: Duration,
+    ) {
+        let ctx = Arc::clone(&self.ctx);
         let started = Instant::now();
         let _active = ActiveGuard::new(ctx.metrics.tunnels_active(mode));
         let mut up = Meter::new(&ctx, &admission, mode, Direction::Up);
         let mut down = Meter::new(&ctx, &admission, mode, Direction::Down);
-        let end = relay::relay(self.client, upstream, req.leftover, &mut up, &mut down, idle, &ctx.stop).await;
+        let end =
+            relay::relay(self.client.split(), upstream.split(), req.leftover, &mut up, &mut down, idle, &ctx.stop)
+                .await;
         let duration = started.elapsed();
         ctx.metrics.tunnel_ended(mode, end.as_str(), duration);
         info!(

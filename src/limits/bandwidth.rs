@@ -10,7 +10,11 @@
 //! Waiting is a timer sleep, never a spin.
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota};
@@ -22,14 +26,20 @@ use crate::config::ByteRate;
 /// Size of one governor cell.
 pub const CELL: u64 = 1024;
 
-/// Largest chunk a throttled tunnel reads at once.
-pub const MAX_CHUNK: usize = 16 * 1024;
+/// Largest chunk a throttled tunnel reads at once (the relay's own buffer size).
+pub const MAX_CHUNK: usize = 64 * 1024;
 
-/// Chunk size for a rate: about 1/16 s of budget, between one cell and [`MAX_CHUNK`], so a
-/// slow limit is not served in multi-second lumps and a fast one does not make tiny writes.
+/// Smallest receive buffer given to a throttled socket.
+pub const MIN_RCVBUF: usize = 16 * 1024;
+/// Budgets whose 1/16 s exceeds this leave the kernel's buffer autotuning alone.
+pub const AUTOTUNE_ABOVE: usize = 4 << 20;
+
+/// Chunk size for a rate: about 4 ms of budget, between one cell and [`MAX_CHUNK`]. Small
+/// chunks make one client's tunnels take short, frequent turns (fair within a second);
+/// at high rates the chunk grows so a limit that does not bind costs few extra wake-ups.
 pub fn chunk_for(rate: ByteRate) -> usize {
-    let c = (rate.bytes_per_sec() / 16) / CELL * CELL;
-    (c as usize).clamp(CELL as usize, MAX_CHUNK)
+    let c = (rate.bytes_per_sec() / 256) / CELL * CELL;
+    usize::try_from(c).unwrap_or(MAX_CHUNK).clamp(CELL as usize, MAX_CHUNK)
 }
 
 /// Burst in cells: 100 ms of the rate, but at least one chunk and a cell of carry, so any
@@ -58,26 +68,49 @@ impl Limiter {
 }
 
 /// One shared byte budget.
+///
+/// A draw that can pass at once, with nobody queued, takes no lock: governor's check is a
+/// single compare-and-swap, so a budget that does not bind costs almost nothing. Only a draw
+/// that must wait joins the FIFO queue.
 #[derive(Default)]
 pub struct Bucket {
-    queue: Mutex<Option<Limiter>>,
+    limiter: ArcSwapOption<Limiter>,
+    queue: Mutex<()>,
+    queued: AtomicUsize,
 }
 
 impl Bucket {
+    /// The limiter for `rate`, rebuilt when the rate changed (reload).
+    fn limiter(&self, rate: ByteRate) -> Arc<Limiter> {
+        if let Some(l) = self.limiter.load_full().filter(|l| l.rate == rate) {
+            return l;
+        }
+        let fresh = Arc::new(Limiter::new(rate));
+        self.limiter.store(Some(Arc::clone(&fresh)));
+        fresh
+    }
+
     /// Waits until `cells` cells may pass at `rate`, in turn with every other tunnel drawing
     /// on this bucket. A changed `rate` (reload) takes effect at the next chunk. Returns the
     /// time spent waiting.
-    pub async fn take(&self, rate: ByteRate, mut cells: u32) -> Duration {
-        let started = Instant::now();
-        let mut slot = self.queue.lock().await;
-        if slot.as_ref().is_none_or(|l| l.rate != rate) {
-            *slot = Some(Limiter::new(rate));
+    pub async fn take(&self, rate: ByteRate, cells: u32) -> Duration {
+        let limiter = self.limiter(rate);
+        if cells <= limiter.burst && self.queued.load(Ordering::Acquire) == 0 {
+            if let Some(n) = NonZeroU32::new(cells) {
+                if let Ok(Ok(())) = limiter.gcra.check_n(n) {
+                    return Duration::ZERO;
+                }
+            } else {
+                return Duration::ZERO;
+            }
         }
-        let Some(limiter) = slot.as_ref() else {
-            return started.elapsed();
-        };
-        while cells > 0 {
-            let n = cells.min(limiter.burst);
+        let started = Instant::now();
+        let _queued = Queued::join(&self.queued);
+        let turn = self.queue.lock().await;
+        let limiter = self.limiter(rate);
+        let mut left = cells;
+        while left > 0 {
+            let n = left.min(limiter.burst);
             let Some(nz) = NonZeroU32::new(n) else { break };
             loop {
                 match limiter.gcra.check_n(nz) {
@@ -90,9 +123,26 @@ impl Bucket {
                     Err(_) => break,
                 }
             }
-            cells -= n;
+            left -= n;
         }
+        drop(turn);
         started.elapsed()
+    }
+}
+
+/// Counts a draw in the queue; leaves it on drop, also when the tunnel is cancelled mid-wait.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn join(count: &'a AtomicUsize) -> Queued<'a> {
+        count.fetch_add(1, Ordering::AcqRel);
+        Queued(count)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -102,8 +152,9 @@ mod tests {
 
     #[test]
     fn chunk_and_burst_shapes() {
-        assert_eq!(chunk_for(ByteRate(1 << 20)), 16 * 1024);
-        assert_eq!(chunk_for(ByteRate(64 * 1024)), 4 * 1024);
+        assert_eq!(chunk_for(ByteRate(4 << 20)), 16 * 1024);
+        assert_eq!(chunk_for(ByteRate(1 << 20)), 4 * 1024);
+        assert_eq!(chunk_for(ByteRate(1 << 30)), 64 * 1024);
         assert_eq!(chunk_for(ByteRate(100)), 1024);
         assert_eq!(burst_cells(ByteRate(1 << 20)), 102);
         assert_eq!(burst_cells(ByteRate(100)), 2);

@@ -265,6 +265,20 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// The receive buffer to give the socket that `dir` reads from, when a budget applies.
+    ///
+    /// A throttle pushes back on the sender by not reading. With the kernel's autotuned
+    /// buffer (megabytes on a fast path) the sender would first fill that buffer and feel no
+    /// push-back for seconds, so its own view of the rate, and the fairness among its
+    /// tunnels, would be off by whatever fit. About 1/8 s of the tightest rate is kept; fast
+    /// budgets keep autotuning.
+    pub fn receive_buffer(&self, dir: Direction) -> Option<usize> {
+        let s = self.governor.settings.load();
+        let tightest = self.throttle(dir).rates(&s).into_iter().flatten().min()?;
+        let window = usize::try_from(tightest.bytes_per_sec() / 16).unwrap_or(usize::MAX);
+        (window < bandwidth::AUTOTUNE_ABOVE).then(|| window.max(bandwidth::MIN_RCVBUF))
+    }
+
     /// The throttle for one direction of this tunnel.
     pub fn throttle(&self, dir: Direction) -> Throttle {
         Throttle {
