@@ -28,6 +28,36 @@ pub enum Command {
     CheckConfig(ConfigArg),
     /// Print the documented default configuration.
     PrintDefaultConfig,
+    /// Manage the MITM certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Interception self-check: compare the certificate an origin presents directly and through
+    /// a proxy. Exit 0: not intercepted; 3: intercepted; 2: error.
+    Probe(ProbeArgs),
+}
+
+/// `veilgate ca ...`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a new ECDSA P-256 CA: DIR/veilgate-ca.pem and DIR/veilgate-ca.key (mode 0600).
+    Init {
+        /// Directory to write into (created if missing; existing files are never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// `veilgate probe`
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The proxy, as http://HOST:PORT.
+    #[arg(long)]
+    pub proxy: String,
+    /// The origin, as https://HOST[:PORT].
+    pub origin: String,
+    /// Roots to verify against (PEM); default: the system's.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Where the configuration comes from.

@@ -12,6 +12,8 @@ use crate::config::{ClientAddressLog, Config};
 use crate::dial::Resolver;
 use crate::limits::Governor;
 use crate::metrics::Metrics;
+use crate::mitm::Interceptor;
+use crate::mitm::ca::CaError;
 use crate::policy::Acl;
 
 /// The configuration and what is compiled from it. Tunnels take one snapshot when they
@@ -25,16 +27,39 @@ pub struct Shared {
     pub resolver: Resolver,
     /// `[auth]`, when configured.
     pub auth: Option<Auth>,
+    /// `[mitm]`, when configured.
+    pub interceptor: Option<Interceptor>,
+}
+
+/// A configuration whose files could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// `[auth]`.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// `[mitm]`.
+    #[error("mitm: {0}")]
+    Mitm(#[from] CaError),
 }
 
 impl Shared {
     /// Compiles `config`. `own` are the bound listener addresses (never dialled).
-    pub fn build(config: Config, own: &[SocketAddr]) -> Result<Shared, AuthError> {
+    pub fn build(config: Config, own: &[SocketAddr]) -> Result<Shared, LoadError> {
         let auth = match &config.auth {
             Some(a) => Some(Auth::load(&a.credentials_file, &a.realm)?),
             None => None,
         };
-        Ok(Shared { acl: Acl::new(&config.policy, own.to_vec()), resolver: Resolver::new(&config.dns), auth, config })
+        let interceptor = match &config.mitm {
+            Some(m) => Some(Interceptor::load(m)?),
+            None => None,
+        };
+        Ok(Shared {
+            acl: Acl::new(&config.policy, own.to_vec()),
+            resolver: Resolver::new(&config.dns),
+            auth,
+            interceptor,
+            config,
+        })
     }
 }
 
@@ -77,7 +102,7 @@ impl Context {
 
     /// Applies a new configuration to new tunnels at once and to running tunnels' byte
     /// budgets at their next chunk. Listener addresses cannot change without a restart.
-    pub fn reload(&self, config: Config) -> Result<(), AuthError> {
+    pub fn reload(&self, config: Config) -> Result<(), LoadError> {
         let old = self.shared.load();
         if old.config.server.listen != config.server.listen
             || old.config.server.admin_listen != config.server.admin_listen

@@ -12,6 +12,8 @@
 //! - [`policy`]: ports, host patterns, CIDRs, private ranges; the route table.
 //! - [`dial`]: resolve at the proxy, check every address, happy-eyeballs connect.
 //! - [`relay`]: the byte-copy hot path, which knows nothing of policy or metrics.
+//! - [`mitm`]: per-route interception (CA, minted leaves, verified upstream TLS, observation);
+//!   [`probe`]: the interception self-check.
 //! - [`metrics`], [`admin`]: Prometheus registry and the admin listener.
 //! - [`config`], [`cli`], [`context`], [`error`], [`reply`]: the rest.
 #![warn(missing_docs)]
@@ -24,9 +26,12 @@ pub mod connect;
 pub mod context;
 pub mod dial;
 pub mod error;
+pub mod io;
 pub mod limits;
 pub mod metrics;
+pub mod mitm;
 pub mod policy;
+pub mod probe;
 pub mod relay;
 pub mod reply;
 pub mod server;

@@ -8,13 +8,29 @@ use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
-use veilgate::cli::{Cli, Command, RunArgs};
+use veilgate::cli::{CaCommand, Cli, Command, ProbeArgs, RunArgs};
 use veilgate::config::{DEFAULT_CONFIG, LogFormat};
 use veilgate::{Controller, Proxy};
 
 fn main() -> ExitCode {
+    // One TLS provider for the whole process, chosen before anything builds a config.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
+        Some(Command::Ca(CaCommand::Init { dir })) => match veilgate::mitm::ca::init(&dir) {
+            Ok((cert, key)) => {
+                println!("CA certificate: {}\nCA key:         {} (mode 0600)", cert.display(), key.display());
+                println!(
+                    "Trust the certificate in clients whose traffic veilgate may intercept, and set [mitm] ca_cert / ca_key."
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("veilgate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Probe(args)) => probe(args),
         Some(Command::PrintDefaultConfig) => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
@@ -34,6 +50,26 @@ fn main() -> ExitCode {
         }
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
+    }
+}
+
+fn probe(args: ProbeArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("veilgate: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(veilgate::probe::probe(&args.proxy, &args.origin, args.ca_file.as_ref())) {
+        Ok(report) => {
+            print!("{}", report.render());
+            ExitCode::from(report.verdict().exit_code())
+        }
+        Err(e) => {
+            eprintln!("veilgate probe: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

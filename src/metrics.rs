@@ -15,9 +15,10 @@ use crate::error::Refusal;
 use crate::limits::{Direction, Scope};
 
 /// Modes that carry traffic (a `deny` route never makes a tunnel).
-pub const MODES: [Mode; 1] = [Mode::Tunnel];
-/// Tunnel outcomes (`tunnels_total{outcome}`).
-pub const OUTCOMES: [&str; 4] = ["closed", "idle_timeout", "error", "shutdown"];
+pub const MODES: [Mode; 2] = [Mode::Tunnel, Mode::Mitm];
+/// Tunnel outcomes (`tunnels_total{outcome}`); `tls_failed` is an interception whose
+/// handshakes did not complete.
+pub const OUTCOMES: [&str; 5] = ["closed", "idle_timeout", "error", "shutdown", "tls_failed"];
 
 const DURATION_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0];
 const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];

@@ -32,6 +32,8 @@ pub trait Flow: Send {
     /// Called with each chunk's size after it is read and before it is written; a throttle
     /// waits here, which in turn stops reading and lets TCP push back on the sender.
     fn before_write(&mut self, n: usize) -> impl Future<Output = ()> + Send;
+    /// Sees a copy of each chunk before it is written (MITM observation); by default nothing.
+    fn inspect(&mut self, _chunk: &[u8]) {}
     /// Called after a chunk is fully written.
     fn written(&mut self, n: usize);
 }
@@ -47,6 +49,8 @@ pub enum End {
     Error,
     /// Closed by the proxy (end of drain).
     Stopped,
+    /// An interception whose TLS handshakes did not complete (never relayed).
+    TlsFailed,
 }
 
 impl End {
@@ -57,6 +61,7 @@ impl End {
             End::Idle => "idle_timeout",
             End::Error => "error",
             End::Stopped => "shutdown",
+            End::TlsFailed => "tls_failed",
         }
     }
 }
@@ -130,6 +135,7 @@ where
     if !first.is_empty() {
         for piece in first.chunks(flow.max_chunk().unwrap_or(BUF_SIZE).max(1)) {
             flow.before_write(piece.len()).await;
+            flow.inspect(piece);
             w.write_all(piece).await?;
             flow.written(piece.len());
         }
@@ -146,6 +152,7 @@ where
         }
         activity.touch();
         flow.before_write(n).await;
+        flow.inspect(&buf[..n]);
         w.write_all(&buf[..n]).await?;
         flow.written(n);
         activity.touch();

@@ -11,9 +11,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::auth::AuthError;
 use crate::config::Config;
-use crate::context::{Context, Shared};
+use crate::context::{Context, LoadError, Shared};
 use crate::tunnel::Tunnel;
 use crate::{admin, dial};
 
@@ -33,9 +32,9 @@ pub enum StartError {
         /// Why.
         source: io::Error,
     },
-    /// `[auth]` could not be loaded.
+    /// `[auth]` or `[mitm]` files could not be loaded.
     #[error(transparent)]
-    Auth(#[from] AuthError),
+    Load(#[from] LoadError),
 }
 
 /// A bound proxy, ready to run.
@@ -141,7 +140,7 @@ impl Proxy {
 
 impl Controller {
     /// Applies a new configuration (see [`Context::reload`]); counted either way.
-    pub fn reload(&self, config: Config) -> Result<(), AuthError> {
+    pub fn reload(&self, config: Config) -> Result<(), LoadError> {
         let result = self.ctx.reload(config);
         self.ctx.metrics.config_reloaded(result.is_ok());
         result

@@ -7,17 +7,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::{ClientAddressLog, Mode};
 use crate::connect::{self, ConnectRequest, HeadError};
 use crate::context::Context;
 use crate::error::Refusal;
 use crate::limits::{Admission, ClientKey, Direction, Scope, Throttle};
+use crate::mitm::observe::{self, Observer};
 use crate::policy::route;
-use crate::relay::{self, Flow};
+use crate::relay::{self, End, Flow};
+use crate::target::Target;
 use crate::{dial, reply};
 
 /// A client connection being served.
@@ -88,41 +90,53 @@ impl Tunnel {
             return;
         }
         let idle = server.idle_timeout.0;
-        let mode = route.mode;
-        drop(shared);
-        self.splice(req, upstream.stream, admission, mode, idle).await;
-    }
-
-    /// Relays until the tunnel ends, then reports it once.
-    async fn splice(
-        mut self,
-        req: ConnectRequest,
-        mut upstream: TcpStream,
-        admission: Admission,
-        mode: Mode,
-        idle: Duration,
-    ) {
-        let ctx = Arc::clone(&self.ctx);
-        let started = Instant::now();
-        let _active = ActiveGuard::new(ctx.metrics.tunnels_active(mode));
-        let mut up = Meter::new(&ctx, &admission, mode, Direction::Up);
-        let mut down = Meter::new(&ctx, &admission, mode, Direction::Down);
-        let end =
-            relay::relay(self.client.split(), upstream.split(), req.leftover, &mut up, &mut down, idle, &ctx.stop)
-                .await;
-        let duration = started.elapsed();
-        ctx.metrics.tunnel_ended(mode, end.as_str(), duration);
-        info!(
-            client = client_field(self.peer.ip(), ctx.log_client).as_deref(),
-            target = %req.target,
-            mode = mode.as_str(),
-            outcome = end.as_str(),
-            bytes_up = up.total,
-            bytes_down = down.total,
-            duration_ms = duration.as_millis() as u64,
-            "tunnel closed"
-        );
-        drop(admission);
+        let handshake_deadline = server.header_timeout.0;
+        let Tunnel { client, peer, .. } = self;
+        let report = Report { ctx: Arc::clone(&ctx), peer, target: req.target.clone(), mode: route.mode };
+        match route.mode {
+            Mode::Mitm => {
+                let Some(interceptor) = shared.interceptor.as_ref() else {
+                    // Validation makes this unreachable; fail closed if it ever is not.
+                    return report.ended(End::Error, Instant::now(), 0, 0);
+                };
+                let started = Instant::now();
+                match interceptor
+                    .intercept(client, req.leftover, upstream.stream, &req.target, handshake_deadline)
+                    .await
+                {
+                    Ok(tls) => {
+                        if tls.minted {
+                            ctx.metrics.mitm_certs_minted.increment(1);
+                        } else {
+                            ctx.metrics.mitm_cert_cache_hits.increment(1);
+                        }
+                        let observer = Observer::new(&req.target.to_string(), interceptor.log_query);
+                        let h2 = tls.alpn.as_deref() == Some(b"h2");
+                        drop(shared);
+                        let client = tokio::io::split(tls.client);
+                        let upstream = tokio::io::split(tls.upstream);
+                        let watch = (!h2).then_some(observer);
+                        report.relay(client, upstream, Vec::new(), admission, idle, watch).await;
+                    }
+                    Err(e) => {
+                        ctx.metrics.tls_handshake_failed(e.side());
+                        warn!(
+                            client = client_field(peer.ip(), ctx.log_client).as_deref(),
+                            target = %req.target,
+                            side = e.side(),
+                            error = %e,
+                            "interception refused"
+                        );
+                        report.ended(End::TlsFailed, started, 0, 0);
+                    }
+                }
+            }
+            Mode::Tunnel | Mode::Deny => {
+                drop(shared);
+                let (mut client, mut upstream) = (client, upstream.stream);
+                report.relay(client.split(), upstream.split(), req.leftover, admission, idle, None).await;
+            }
+        }
     }
 
     /// Answers a refusal, counts it and logs it once.
@@ -136,6 +150,59 @@ impl Tunnel {
             status = refusal.status(),
             reason = refusal.reason(),
             "refused: {refusal}"
+        );
+    }
+}
+
+/// Reports a tunnel's relay and its end, once.
+struct Report {
+    ctx: Arc<Context>,
+    peer: SocketAddr,
+    target: Target,
+    mode: Mode,
+}
+
+impl Report {
+    /// Relays until the tunnel ends, then reports it. `watch` observes HTTP/1.1 (MITM only).
+    async fn relay<CR, CW, UR, UW>(
+        self,
+        client: (CR, CW),
+        upstream: (UR, UW),
+        first_up: Vec<u8>,
+        admission: Admission,
+        idle: Duration,
+        watch: Option<Observer>,
+    ) where
+        CR: AsyncRead + Unpin,
+        CW: AsyncWrite + Unpin,
+        UR: AsyncRead + Unpin,
+        UW: AsyncWrite + Unpin,
+    {
+        let ctx = Arc::clone(&self.ctx);
+        let started = Instant::now();
+        let _active = ActiveGuard::new(ctx.metrics.tunnels_active(self.mode));
+        let mut up = Meter::new(&ctx, &admission, self.mode, Direction::Up, watch.as_ref().map(|o| o.side(true)));
+        let mut down = Meter::new(&ctx, &admission, self.mode, Direction::Down, watch.as_ref().map(|o| o.side(false)));
+        let end = relay::relay(client, upstream, first_up, &mut up, &mut down, idle, &ctx.stop).await;
+        if let (Some(o), Some(d)) = (&watch, &down.observe) {
+            o.finish(d);
+        }
+        self.ended(end, started, up.total, down.total);
+        drop(admission);
+    }
+
+    fn ended(&self, end: End, started: Instant, bytes_up: u64, bytes_down: u64) {
+        let duration = started.elapsed();
+        self.ctx.metrics.tunnel_ended(self.mode, end.as_str(), duration);
+        info!(
+            client = client_field(self.peer.ip(), self.ctx.log_client).as_deref(),
+            target = %self.target,
+            mode = self.mode.as_str(),
+            outcome = end.as_str(),
+            bytes_up,
+            bytes_down,
+            duration_ms = duration.as_millis() as u64,
+            "tunnel closed"
         );
     }
 }
@@ -178,15 +245,17 @@ struct Meter {
     bytes: Counter,
     waits: [Gauge; 3],
     total: u64,
+    observe: Option<observe::Side>,
 }
 
 impl Meter {
-    fn new(ctx: &Context, admission: &Admission, mode: Mode, dir: Direction) -> Meter {
+    fn new(ctx: &Context, admission: &Admission, mode: Mode, dir: Direction, observe: Option<observe::Side>) -> Meter {
         Meter {
             throttle: admission.throttle(dir),
             bytes: ctx.metrics.bytes(mode, dir),
             waits: Scope::ALL.map(|s| ctx.metrics.throttle_wait(s, dir)),
             total: 0,
+            observe,
         }
     }
 }
@@ -202,6 +271,12 @@ impl Flow for Meter {
             if !d.is_zero() {
                 gauge.increment(d.as_secs_f64());
             }
+        }
+    }
+
+    fn inspect(&mut self, chunk: &[u8]) {
+        if let Some(o) = &mut self.observe {
+            o.feed(chunk);
         }
     }
 

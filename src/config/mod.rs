@@ -69,6 +69,8 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// Per-destination mode and limits; first match wins, default mode `tunnel`.
     pub routes: Vec<RouteConfig>,
+    /// The CA and upstream trust for `mitm` routes.
+    pub mitm: Option<MitmConfig>,
     /// Log format and privacy.
     pub log: LogConfig,
 }
@@ -250,6 +252,8 @@ pub enum Mode {
     /// Blind byte relay: the default.
     #[default]
     Tunnel,
+    /// Terminate TLS with a minted leaf, re-originate verified TLS upstream, observe.
+    Mitm,
     /// Refuse with 403.
     Deny,
 }
@@ -259,6 +263,7 @@ impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Tunnel => "tunnel",
+            Mode::Mitm => "mitm",
             Mode::Deny => "deny",
         }
     }
@@ -288,6 +293,40 @@ pub struct RouteLimits {
     pub bandwidth_up: Option<ByteRate>,
     /// Origin to client, per client, for this route.
     pub bandwidth_down: Option<ByteRate>,
+}
+
+/// `[mitm]`: what `mode = "mitm"` routes need.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MitmConfig {
+    /// CA certificate (PEM) that signs the minted leaves; made by `veilgate ca init`.
+    pub ca_cert: PathBuf,
+    /// CA private key (PEM); refused when group or others may read it.
+    pub ca_key: PathBuf,
+    /// Roots for verifying upstream certificates: `"system"` or a PEM bundle's path.
+    #[serde(default = "default_roots")]
+    pub upstream_roots: String,
+    /// Minted leaves kept in memory.
+    #[serde(default = "default_leaf_cache_size")]
+    pub leaf_cache_size: usize,
+    /// How long a minted leaf is reused; below the leaves' 30-day validity.
+    #[serde(default = "default_leaf_cache_ttl")]
+    pub leaf_cache_ttl: HumanDuration,
+    /// Record the query string of observed request paths (off: it often carries secrets).
+    #[serde(default)]
+    pub log_query: bool,
+}
+
+fn default_roots() -> String {
+    "system".to_string()
+}
+
+fn default_leaf_cache_size() -> usize {
+    1000
+}
+
+fn default_leaf_cache_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(24 * 3600))
 }
 
 /// `[log]`
@@ -422,6 +461,23 @@ impl Config {
                         "0 would refuse every tunnel; use mode = \"deny\"".into(),
                     ));
                 }
+            }
+        }
+        if let Some(i) = self.routes.iter().position(|r| r.mode == Mode::Mitm) {
+            if self.mitm.is_none() {
+                return Err(invalid(
+                    &format!("routes[{i}].mode"),
+                    "\"mitm\" needs a [mitm] section with ca_cert and ca_key (veilgate ca init --dir DIR makes them)"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(m) = &self.mitm {
+            if m.leaf_cache_size == 0 {
+                return Err(invalid("mitm.leaf_cache_size", "must be at least 1".into()));
+            }
+            if m.leaf_cache_ttl.0 >= Duration::from_secs(29 * 24 * 3600) || m.leaf_cache_ttl.0.is_zero() {
+                return Err(invalid("mitm.leaf_cache_ttl", "must be between 0 and 29 days (leaves live 30)".into()));
             }
         }
         if let Some(auth) = &self.auth {
