@@ -11,7 +11,8 @@
 //! - [`limits`]: the governor: tunnel caps, new-tunnel rate, byte budgets.
 //! - [`policy`]: ports, host patterns, CIDRs, private ranges; the route table.
 //! - [`dial`]: resolve at the proxy, check every address, happy-eyeballs connect.
-//! - [`relay`]: the byte-copy hot path, which knows nothing of policy or metrics.
+//! - [`relay`]: the byte-copy hot path, which knows nothing of policy or metrics;
+//!   `splice`: its zero-copy form for blind tunnels on Linux.
 //! - [`mitm`]: per-route interception (CA, minted leaves, verified upstream TLS, observation);
 //!   [`probe`]: the interception self-check.
 //! - [`metrics`], [`admin`]: Prometheus registry and the admin listener.
@@ -35,6 +36,8 @@ pub mod probe;
 pub mod relay;
 pub mod reply;
 pub mod server;
+#[cfg(target_os = "linux")]
+pub mod splice;
 pub mod target;
 pub mod tunnel;
 

@@ -67,13 +67,16 @@ impl End {
 }
 
 /// Last time a byte moved, in milliseconds since the relay began; both pumps touch it.
-struct Activity {
+pub(crate) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
-    fn touch(&self) {
+    pub(crate) fn new() -> Activity {
+        Activity { start: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+    pub(crate) fn touch(&self) {
         self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     fn last(&self) -> Instant {
@@ -103,13 +106,24 @@ where
     FU: Flow,
     FD: Flow,
 {
-    let activity = Activity { start: Instant::now(), last_ms: AtomicU64::new(0) };
+    let activity = Activity::new();
     let both = async {
         tokio::try_join!(
             pump(&mut client_r, &mut up_w, first_up, up, &activity),
             pump(&mut up_r, &mut client_w, Vec::new(), down, &activity),
         )
+        .map(|_| ())
     };
+    supervise(both, &activity, idle_timeout, stop).await
+}
+
+/// Runs both directions (`both`) until they finish, fail, go idle, or `stop` fires.
+pub(crate) async fn supervise(
+    both: impl Future<Output = io::Result<()>>,
+    activity: &Activity,
+    idle_timeout: Duration,
+    stop: &CancellationToken,
+) -> End {
     let idle = async {
         loop {
             let deadline = activity.last() + idle_timeout;
@@ -141,10 +155,16 @@ where
         }
         activity.touch();
     }
-    let mut buf = vec![0u8; BUF_SIZE];
+    // Start small and grow when reads fill the buffer: an idle tunnel holds 4 KiB per
+    // direction here, a busy one the full BUF_SIZE.
+    let mut buf = vec![0u8; 4096];
     loop {
         let limit = flow.max_chunk().map_or(BUF_SIZE, |c| c.clamp(1, BUF_SIZE));
-        let n = r.read(&mut buf[..limit]).await?;
+        let len = limit.min(buf.len());
+        let n = r.read(&mut buf[..len]).await?;
+        if n == buf.len() && buf.len() < BUF_SIZE {
+            buf.resize(BUF_SIZE, 0);
+        }
         if n == 0 {
             // Half-close: pass the EOF on and let the other direction finish.
             w.shutdown().await?;

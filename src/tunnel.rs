@@ -133,8 +133,7 @@ impl Tunnel {
             }
             Mode::Tunnel | Mode::Deny => {
                 drop(shared);
-                let (mut client, mut upstream) = (client, upstream.stream);
-                report.relay(client.split(), upstream.split(), req.leftover, admission, idle, None).await;
+                report.relay_tcp(client, upstream.stream, req.leftover, admission, idle).await;
             }
         }
     }
@@ -189,6 +188,33 @@ impl Report {
         }
         self.ended(end, started, up.total, down.total);
         drop(admission);
+    }
+
+    /// A blind tunnel: zero-copy on Linux, the portable relay elsewhere.
+    async fn relay_tcp(
+        self,
+        client: TcpStream,
+        upstream: TcpStream,
+        first_up: Vec<u8>,
+        admission: Admission,
+        idle: Duration,
+    ) {
+        #[cfg(target_os = "linux")]
+        {
+            let ctx = Arc::clone(&self.ctx);
+            let started = Instant::now();
+            let _active = ActiveGuard::new(ctx.metrics.tunnels_active(self.mode));
+            let mut up = Meter::new(&ctx, &admission, self.mode, Direction::Up, None);
+            let mut down = Meter::new(&ctx, &admission, self.mode, Direction::Down, None);
+            let end = crate::splice::relay_tcp(&client, &upstream, first_up, &mut up, &mut down, idle, &ctx.stop).await;
+            self.ended(end, started, up.total, down.total);
+            drop(admission);
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let (mut client, mut upstream) = (client, upstream);
+            self.relay(client.split(), upstream.split(), first_up, admission, idle, None).await;
+        }
     }
 
     fn ended(&self, end: End, started: Instant, bytes_up: u64, bytes_down: u64) {
