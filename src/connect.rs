@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::error::Refusal;
@@ -100,17 +101,21 @@ pub async fn read_head<R: AsyncRead + Unpin>(
     deadline: Duration,
 ) -> Result<ConnectRequest, HeadError> {
     let read = async {
-        // One read may bring the head and the start of the client's payload; reserve room
-        // for a typical ClientHello beyond the cap so it is kept, not re-read.
-        let mut buf = Vec::with_capacity(max_bytes.min(4096));
-        let mut chunk = [0u8; 2048];
+        // One read may bring the head and the start of the client's payload (a ClientHello);
+        // room is left past the cap so that payload is kept, not re-read. Reads go straight
+        // into the growing buffer, so no scratch array lives in every connection's state.
+        let limit = max_bytes + 2048;
+        let mut buf: Vec<u8> = Vec::with_capacity(1024);
         loop {
-            let room = (max_bytes + chunk.len()).saturating_sub(buf.len()).min(chunk.len());
-            let n = match io.read(&mut chunk[..room]).await {
+            if buf.capacity() == buf.len() {
+                buf.reserve((buf.len()).clamp(1024, limit.saturating_sub(buf.len()).max(1)));
+            }
+            let room = limit.saturating_sub(buf.len());
+            let n = match io.read_buf(&mut (&mut buf).limit(room)).await {
                 Ok(0) | Err(_) => return Err(HeadError::Closed),
                 Ok(n) => n,
             };
-            buf.extend_from_slice(&chunk[..n]);
+            debug_assert!(n > 0);
             match parse_head(&buf) {
                 Ok(Parsed::Complete(req)) => {
                     let head_len = buf.len() - req.leftover.len();

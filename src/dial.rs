@@ -178,6 +178,15 @@ fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
 }
 
 async fn connect_happy(addrs: Vec<SocketAddr>, deadline: Duration) -> Result<(TcpStream, SocketAddr), Refusal> {
+    if let [addr] = addrs[..] {
+        // One address: nothing to race, so no task to spawn.
+        return match tokio::time::timeout(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => Ok((s, addr)),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(Refusal::UpstreamTimeout),
+            Ok(Err(_)) => Err(Refusal::UpstreamFailed),
+            Err(_) => Err(Refusal::UpstreamTimeout),
+        };
+    }
     let race = async {
         let mut pending = addrs.into_iter();
         let mut attempts: JoinSet<(SocketAddr, io::Result<TcpStream>)> = JoinSet::new();
@@ -228,9 +237,12 @@ async fn connect_happy(addrs: Vec<SocketAddr>, deadline: Duration) -> Result<(Tc
 /// and keepalive (so a vanished peer does not pin a tunnel for ever).
 pub fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
-    let keepalive =
-        socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(15));
-    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive());
+}
+
+/// Keepalive probes after a minute of silence, every 15 s.
+pub fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(15))
 }
 
 /// Sets the receive buffer of a socket (the kernel doubles the value and stops autotuning).

@@ -4,9 +4,10 @@
 //! works unchanged: each splice into the pipe is bounded by the budget granted), half-close
 //! is kept, and idle/stop end the tunnel.
 //!
-//! Pipes are made on a direction's first readable byte, so an idle tunnel holds two sockets
-//! and nothing else. A kernel that refuses splice for a socket pair (EINVAL) makes that
-//! direction fall back to an ordinary read/write loop.
+//! A direction starts with plain reads and writes through a pooled buffer (cheapest for
+//! small exchanges) and moves to a pipe once a read fills the buffer, so an idle tunnel holds
+//! two sockets and nothing else. A kernel that refuses splice for a socket pair (EINVAL)
+//! makes that direction fall back to an ordinary read/write loop.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -22,6 +23,9 @@ use crate::relay::{Activity, BUF_SIZE, End, Flow, supervise};
 /// fewer, larger splices cost less CPU per byte. Pipe pages are taken only while data is in
 /// flight, so an idle tunnel does not pay for them.
 const PIPE_CHUNK: usize = 256 * 1024;
+
+/// Buffer for the copy phase before a direction turns out to be bulk.
+const COPY_BUF: usize = 16 * 1024;
 
 struct Pipe {
     read: OwnedFd,
@@ -72,11 +76,13 @@ pub async fn relay_tcp<FU: Flow, FD: Flow>(
 ) -> End {
     let activity = Activity::new();
     let both = async {
-        tokio::try_join!(
-            pump(client, upstream, first_up, up, &activity),
-            pump(upstream, client, Vec::new(), down, &activity)
-        )
-        .map(|_| ())
+        // Bytes that came with the CONNECT head go first (at most a head's worth, so they
+        // fit the socket buffer); kept out of the pumps so their state stays small.
+        if !first_up.is_empty() {
+            write_first(upstream, first_up, up).await?;
+            activity.touch();
+        }
+        tokio::try_join!(pump(client, upstream, up, &activity), pump(upstream, client, down, &activity)).map(|_| ())
     };
     supervise(both, &activity, idle_timeout, stop).await
 }
@@ -89,26 +95,48 @@ async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-async fn pump<F: Flow>(
-    src: &TcpStream,
-    dst: &TcpStream,
-    first: Vec<u8>,
-    flow: &mut F,
-    activity: &Activity,
-) -> io::Result<()> {
-    if !first.is_empty() {
-        for piece in first.chunks(flow.max_chunk().unwrap_or(BUF_SIZE).max(1)) {
-            flow.before_write(piece.len()).await;
-            write_all(dst, piece).await?;
-            flow.written(piece.len());
+async fn write_first<F: Flow>(dst: &TcpStream, first: Vec<u8>, flow: &mut F) -> io::Result<()> {
+    for piece in first.chunks(flow.max_chunk().unwrap_or(BUF_SIZE).max(1)) {
+        flow.before_write(piece.len()).await;
+        write_all(dst, piece).await?;
+        flow.written(piece.len());
+    }
+    Ok(())
+}
+
+async fn pump<F: Flow>(src: &TcpStream, dst: &TcpStream, flow: &mut F, activity: &Activity) -> io::Result<()> {
+    // Small exchanges (a handshake, an interactive protocol) are cheapest as a plain read and
+    // write through a pooled buffer held only while the bytes are in flight. A read that
+    // fills its buffer marks a bulk transfer, and the direction moves to splice for good.
+    loop {
+        let want = flow.max_chunk().map_or(COPY_BUF, |c| c.clamp(1, COPY_BUF));
+        src.readable().await?;
+        let mut buf = pool::take();
+        let n = match src.try_read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pool::give(buf);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            pool::give(buf);
+            return socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
         }
         activity.touch();
+        flow.before_write(n).await;
+        write_all(dst, &buf[..n]).await?;
+        pool::give(buf);
+        flow.written(n);
+        activity.touch();
+        if n == want {
+            break;
+        }
     }
-    // Nothing is allocated until the first byte can be read.
-    src.readable().await?;
     let pipe = match Pipe::new() {
         Ok(p) => p,
-        Err(_) => return copy(src, dst, flow, activity).await,
+        Err(_) => return Box::pin(copy(src, dst, flow, activity)).await,
     };
     let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
     let (pipe_r, pipe_w) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
@@ -116,7 +144,7 @@ async fn pump<F: Flow>(
         let want = flow.max_chunk().map_or(PIPE_CHUNK, |c| c.clamp(1, PIPE_CHUNK));
         let n = match src.async_io(Interest::READABLE, || splice(src_fd, pipe_w, want)).await {
             Ok(n) => n,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return copy(src, dst, flow, activity).await,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Box::pin(copy(src, dst, flow, activity)).await,
             Err(e) => return Err(e),
         };
         if n == 0 {
@@ -131,6 +159,33 @@ async fn pump<F: Flow>(
         }
         flow.written(n);
         activity.touch();
+    }
+}
+
+/// Per-thread pool of copy buffers, so a tunnel holds one only while its bytes are in flight.
+mod pool {
+    use std::cell::RefCell;
+
+    use super::COPY_BUF;
+
+    /// Buffers kept per thread; more are freed.
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn take() -> Box<[u8]> {
+        FREE.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; COPY_BUF].into_boxed_slice())
+    }
+
+    pub(super) fn give(buf: Box<[u8]>) {
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(buf);
+            }
+        });
     }
 }
 

@@ -96,14 +96,18 @@ impl Bucket {
     pub async fn take(&self, rate: ByteRate, cells: u32) -> Duration {
         let limiter = self.limiter(rate);
         if cells <= limiter.burst && self.queued.load(Ordering::Acquire) == 0 {
-            if let Some(n) = NonZeroU32::new(cells) {
-                if let Ok(Ok(())) = limiter.gcra.check_n(n) {
-                    return Duration::ZERO;
-                }
-            } else {
-                return Duration::ZERO;
+            match NonZeroU32::new(cells) {
+                None => return Duration::ZERO,
+                Some(n) if matches!(limiter.gcra.check_n(n), Ok(Ok(()))) => return Duration::ZERO,
+                Some(_) => {}
             }
         }
+        // Boxed: the queue and timer state is needed only while waiting, and every tunnel
+        // would otherwise carry room for it inline for its whole life.
+        Box::pin(self.wait_turn(rate, cells)).await
+    }
+
+    async fn wait_turn(&self, rate: ByteRate, cells: u32) -> Duration {
         let started = Instant::now();
         let _queued = Queued::join(&self.queued);
         let turn = self.queue.lock().await;
