@@ -11,6 +11,7 @@ use crate::auth::{Auth, AuthError};
 use crate::config::{ClientAddressLog, Config};
 use crate::dial::Resolver;
 use crate::limits::Governor;
+use crate::limits::pending::Pending;
 use crate::metrics::Metrics;
 use crate::mitm::Interceptor;
 use crate::mitm::ca::CaError;
@@ -69,10 +70,10 @@ pub struct Context {
     own: Vec<SocketAddr>,
     /// Admission limits and byte budgets.
     pub governor: Arc<Governor>,
+    /// Connections still in their head phase.
+    pub pending: Pending,
     /// This proxy's own metrics registry.
     pub metrics: Metrics,
-    /// Client address logging, fixed at start.
-    pub log_client: ClientAddressLog,
     /// Cancelled when the drain begins: stop accepting, close connections still in their head.
     pub draining: CancellationToken,
     /// Cancelled when the drain deadline passes: close every tunnel.
@@ -86,8 +87,8 @@ impl Context {
         metrics.configured(&shared.config);
         Context {
             governor: Governor::new(&shared.config),
+            pending: Pending::default(),
             metrics,
-            log_client: shared.config.log.client_address,
             shared: ArcSwap::from_pointee(shared),
             own,
             draining: CancellationToken::new(),
@@ -98,6 +99,12 @@ impl Context {
     /// The current snapshot.
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.load_full()
+    }
+
+    /// How much of a client's address logs may carry, as configured now (a reload that
+    /// tightens it applies to the next log line).
+    pub fn log_client(&self) -> ClientAddressLog {
+        self.shared.load().config.log.client_address
     }
 
     /// Applies a new configuration to new tunnels at once and to running tunnels' byte

@@ -235,9 +235,13 @@ async fn connect_happy(addrs: Vec<SocketAddr>, deadline: Duration) -> Result<(Tc
 
 /// TCP_NODELAY (a tunnel carries interactive protocols; the endpoints batch for themselves)
 /// and keepalive (so a vanished peer does not pin a tunnel for ever).
+/// Urgent data is kept inline: splice(2) stops at an urgent mark, which would stall a
+/// direction; inline, it is just another byte relayed as sent.
 pub fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
-    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive());
+    let sock = socket2::SockRef::from(stream);
+    let _ = sock.set_tcp_keepalive(&keepalive());
+    let _ = sock.set_out_of_band_inline(true);
 }
 
 /// Keepalive probes after a minute of silence, every 15 s.

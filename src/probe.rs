@@ -119,8 +119,17 @@ fn fail(msg: impl Into<String>) -> ProbeError {
     ProbeError(msg.into())
 }
 
+/// Deadline for the whole probe.
+const TOTAL: Duration = Duration::from_secs(60);
+
 /// Runs the probe. `proxy` is `http://HOST:PORT`; `origin` is `https://HOST[:PORT][/...]`.
 pub async fn probe(proxy: &str, origin: &str, ca_file: Option<&PathBuf>) -> Result<Report, ProbeError> {
+    tokio::time::timeout(TOTAL, run(proxy, origin, ca_file))
+        .await
+        .map_err(|_| fail("the probe took longer than 60 s"))?
+}
+
+async fn run(proxy: &str, origin: &str, ca_file: Option<&PathBuf>) -> Result<Report, ProbeError> {
     let proxy_addr = proxy.strip_prefix("http://").unwrap_or(proxy).trim_end_matches('/').to_string();
     let rest = origin.strip_prefix("https://").ok_or_else(|| fail("the origin must be an https:// URL"))?;
     let authority = rest.split('/').next().unwrap_or(rest);

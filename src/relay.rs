@@ -151,6 +151,7 @@ where
             flow.before_write(piece.len()).await;
             flow.inspect(piece);
             w.write_all(piece).await?;
+            w.flush().await?;
             flow.written(piece.len());
         }
         activity.touch();
@@ -172,8 +173,12 @@ where
         }
         activity.touch();
         flow.before_write(n).await;
+        activity.touch();
         flow.inspect(&buf[..n]);
         w.write_all(&buf[..n]).await?;
+        // A TLS writer (MITM) may hold encrypted records back after accepting plaintext;
+        // without a flush they would wait for the next write, which may never come.
+        w.flush().await?;
         flow.written(n);
         activity.touch();
     }

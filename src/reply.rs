@@ -1,7 +1,7 @@
 //! Status lines veilgate writes to clients. Refusals close the connection; the only success
 //! is `200 Connection Established`, written after the upstream is connected.
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::Refusal;
 
@@ -58,12 +58,30 @@ pub fn refusal(refusal: &Refusal, realm: Option<&str>) -> Vec<u8> {
     out
 }
 
+/// Most bytes read and discarded after a refusal, and for how long.
+const LINGER_BYTES: usize = 64 * 1024;
+const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Writes a refusal and closes our write side; errors are ignored because the client may
-/// already be gone and there is nobody left to tell.
-pub async fn send_refusal<W: AsyncWrite + Unpin>(w: &mut W, r: &Refusal, realm: Option<&str>) {
+/// already be gone and there is nobody left to tell. Then reads (and drops) what the client
+/// is still sending for a moment: closing a socket with unread input sends a reset, which
+/// can destroy the refusal before the client reads it (a POST body after a 405, say).
+pub async fn send_refusal<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, r: &Refusal, realm: Option<&str>) {
     let bytes = refusal(r, realm);
-    let _ = w.write_all(&bytes).await;
-    let _ = w.shutdown().await;
+    if s.write_all(&bytes).await.is_err() || s.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 1024];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -13,6 +13,9 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::Config;
 use crate::context::{Context, LoadError, Shared};
+use crate::error::Refusal;
+use crate::limits::pending::{PendingPermit, PendingRefusal};
+use crate::reply;
 use crate::tunnel::Tunnel;
 use crate::{admin, dial};
 
@@ -68,6 +71,13 @@ impl Proxy {
         let bound: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
         let mut own = bound.clone();
         own.extend(admin.as_ref().map(|(a, _)| *a));
+        // A wildcard listener is reachable through every local address, not only loopback.
+        let wildcard_ports: Vec<u16> = own.iter().filter(|a| a.ip().is_unspecified()).map(SocketAddr::port).collect();
+        if !wildcard_ports.is_empty() {
+            for ip in interface_addresses() {
+                own.extend(wildcard_ports.iter().map(|p| SocketAddr::new(ip, *p)));
+            }
+        }
         let shared = Shared::build(config, &own)?;
         let ctx = Arc::new(Context::new(shared, own, &bound));
         Ok(Proxy { listeners, admin, ctx })
@@ -183,23 +193,43 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Context>,
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 ctx.metrics.accepted(addr);
-                spawn_tunnel(&tracker, Arc::clone(&ctx), stream, peer);
+                let server = &ctx.shared().config.server;
+                match ctx.pending.enter(peer.ip(), server.max_pending, server.max_pending_per_client) {
+                    Ok(permit) => spawn_tunnel(&tracker, Arc::clone(&ctx), stream, peer, permit),
+                    Err(why) => turn_away(&ctx, &stream, why),
+                }
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS: the listener is fine; the process is short of
                 // something. Back off so the loop does not spin, and keep serving.
                 error!(%addr, error = %e, backoff = ?backoff, "accept failed; backing off");
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = ctx.draining.cancelled() => return,
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
 }
 
-fn spawn_tunnel(tracker: &TaskTracker, ctx: Arc<Context>, stream: TcpStream, peer: SocketAddr) {
+fn spawn_tunnel(tracker: &TaskTracker, ctx: Arc<Context>, stream: TcpStream, peer: SocketAddr, permit: PendingPermit) {
     let span = info_span!("conn", id = next_id());
-    tracker.spawn(Tunnel::new(ctx, stream, peer).run().instrument(span));
+    tracker.spawn(Tunnel::new(ctx, stream, peer, Some(permit)).run().instrument(span));
+}
+
+/// Over the head-phase bounds: answer at once without reading (a non-blocking write into an
+/// empty socket buffer) and close. Counted; logged at debug only, because this is the path a
+/// flood takes and a log line per connection would be its amplifier.
+fn turn_away(ctx: &Context, stream: &TcpStream, why: PendingRefusal) {
+    let refusal = match why {
+        PendingRefusal::Global => Refusal::GlobalCap,
+        PendingRefusal::Client => Refusal::ClientCap,
+    };
+    let _ = stream.try_write(&reply::refusal(&refusal, None));
+    ctx.metrics.refused(&refusal);
+    tracing::debug!(pending = ctx.pending.count(), reason = refusal.reason(), "turned away before the head");
 }
 
 fn next_id() -> u64 {
@@ -218,6 +248,39 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
+/// The addresses of this host's interfaces (getifaddrs), for the never-dial-yourself check.
+fn interface_addresses() -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we own until freeifaddrs; every node and
+    // address pointer is checked for null and read according to its family.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let addr = (*cur).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        out.push(std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        out.push(std::net::IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out
+}
+
 /// A listening socket with SO_REUSEADDR, IPV6_V6ONLY for IPv6 (so `[::]` and `0.0.0.0` can
 /// both be listed) and a deep backlog. TCP_NODELAY and keepalive are set here because
 /// accepted sockets inherit them, which saves four system calls per tunnel.
@@ -230,6 +293,7 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     }
     socket.set_tcp_nodelay(true)?;
     socket.set_tcp_keepalive(&dial::keepalive())?;
+    socket.set_out_of_band_inline(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;

@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::relay::{Activity, BUF_SIZE, End, Flow, supervise};
 
 /// Bytes moved per splice when no budget limits the chunk, and the pipe capacity asked for:
-/// fewer, larger splices cost less CPU per byte. Pipe pages are taken only while data is in
-/// flight, so an idle tunnel does not pay for them.
+/// fewer, larger splices cost less CPU per byte. A pipe's capacity counts against the user's
+/// pipe quota from its creation, which is why pipes are made only for bulk directions and a
+/// direction falls back to copying when the quota is spent.
 const PIPE_CHUNK: usize = 256 * 1024;
 
 /// Buffer for the copy phase before a direction turns out to be bulk.
@@ -42,9 +43,17 @@ impl Pipe {
         }
         // SAFETY: both descriptors were just created and are owned by nobody else.
         let pipe = unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } };
-        // Best effort: a smaller pipe (pipe-max-size, or memory limits) only means more splices.
         // SAFETY: fcntl on a descriptor we own, with an integer argument.
-        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CHUNK as libc::c_int) };
+        let grown = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CHUNK as libc::c_int) };
+        if grown < 0 {
+            // Over the per-user pipe quota (pipe-user-pages-soft) the kernel hands out tiny
+            // pipes; a plain copy is then the better path for this direction.
+            // SAFETY: as above.
+            let size = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            if size < 64 * 1024 {
+                return Err(io::Error::other("pipe quota exhausted"));
+            }
+        }
         Ok(pipe)
     }
 }
@@ -76,13 +85,16 @@ pub async fn relay_tcp<FU: Flow, FD: Flow>(
 ) -> End {
     let activity = Activity::new();
     let both = async {
-        // Bytes that came with the CONNECT head go first (at most a head's worth, so they
-        // fit the socket buffer); kept out of the pumps so their state stays small.
-        if !first_up.is_empty() {
-            write_first(upstream, first_up, up).await?;
-            activity.touch();
-        }
-        tokio::try_join!(pump(client, upstream, up, &activity), pump(upstream, client, down, &activity)).map(|_| ())
+        // Bytes that came with the CONNECT head go upstream before the client's next ones,
+        // while the downstream direction already runs (an origin may talk first).
+        let upward = async {
+            if !first_up.is_empty() {
+                write_first(upstream, first_up, up).await?;
+                activity.touch();
+            }
+            pump(client, upstream, up, &activity).await
+        };
+        tokio::try_join!(upward, pump(upstream, client, down, &activity)).map(|_| ())
     };
     supervise(both, &activity, idle_timeout, stop).await
 }
@@ -126,6 +138,7 @@ async fn pump<F: Flow>(src: &TcpStream, dst: &TcpStream, flow: &mut F, activity:
         }
         activity.touch();
         flow.before_write(n).await;
+        activity.touch();
         write_all(dst, &buf[..n]).await?;
         pool::give(buf);
         flow.written(n);
@@ -153,9 +166,13 @@ async fn pump<F: Flow>(src: &TcpStream, dst: &TcpStream, flow: &mut F, activity:
         }
         activity.touch();
         flow.before_write(n).await;
+        activity.touch();
         let mut left = n;
         while left > 0 {
-            left -= dst.async_io(Interest::WRITABLE, || splice(pipe_r, dst_fd, left)).await?;
+            match dst.async_io(Interest::WRITABLE, || splice(pipe_r, dst_fd, left)).await? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                m => left -= m,
+            }
         }
         flow.written(n);
         activity.touch();

@@ -15,6 +15,7 @@ use crate::config::{ClientAddressLog, Mode};
 use crate::connect::{self, ConnectRequest, HeadError};
 use crate::context::{Context, Shared};
 use crate::error::Refusal;
+use crate::limits::pending::PendingPermit;
 use crate::limits::{Admission, ClientKey, Direction, Scope, Throttle};
 use crate::mitm::observe::{self, Observer};
 use crate::policy::route;
@@ -27,12 +28,14 @@ pub struct Tunnel {
     ctx: Arc<Context>,
     client: TcpStream,
     peer: SocketAddr,
+    /// Held while the connection is in its head phase (until admission).
+    pending: Option<PendingPermit>,
 }
 
 impl Tunnel {
     /// Wraps an accepted connection.
-    pub fn new(ctx: Arc<Context>, client: TcpStream, peer: SocketAddr) -> Tunnel {
-        Tunnel { ctx, client, peer }
+    pub fn new(ctx: Arc<Context>, client: TcpStream, peer: SocketAddr, pending: Option<PendingPermit>) -> Tunnel {
+        Tunnel { ctx, client, peer, pending }
     }
 
     /// Serves the connection to its end.
@@ -64,10 +67,12 @@ impl Tunnel {
         if route.mode == Mode::Deny {
             return self.refuse(Refusal::RouteDenied, Some(&req)).await;
         }
-        let admission = match ctx.governor.admit(&key, route.index) {
+        let admission = match ctx.governor.admit(&key, route.route) {
             Ok(a) => a,
             Err(r) => return self.refuse(r, Some(&req)).await,
         };
+        // Admitted: from here on the tunnel caps count this connection.
+        self.pending = None;
         if let Err(r) = shared.acl.check_target(&req.target) {
             return self.refuse(r, Some(&req)).await;
         }
@@ -113,7 +118,7 @@ impl Tunnel {
         reply::send_refusal(&mut self.client, &refusal, shared.auth.as_ref().map(|a| a.realm())).await;
         self.ctx.metrics.refused(&refusal);
         info!(
-            client = client_field(self.peer.ip(), self.ctx.log_client).as_deref(),
+            client = client_field(self.peer.ip(), self.ctx.log_client()).as_deref(),
             target = req.map(|r| r.target.to_string()).as_deref(),
             status = refusal.status(),
             reason = refusal.reason(),
@@ -191,7 +196,7 @@ impl Report {
             Err(e) => {
                 ctx.metrics.tls_handshake_failed(e.side());
                 warn!(
-                    client = client_field(self.peer.ip(), ctx.log_client).as_deref(),
+                    client = client_field(self.peer.ip(), ctx.log_client()).as_deref(),
                     target = %self.target,
                     side = e.side(),
                     error = %e,
@@ -233,7 +238,7 @@ impl Report {
         let duration = started.elapsed();
         self.ctx.metrics.tunnel_ended(self.mode, end.as_str(), duration);
         info!(
-            client = client_field(self.peer.ip(), self.ctx.log_client).as_deref(),
+            client = client_field(self.peer.ip(), self.ctx.log_client()).as_deref(),
             target = %self.target,
             mode = self.mode.as_str(),
             outcome = end.as_str(),
@@ -351,7 +356,7 @@ mod size {
         let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let shared = Shared::build(Config::default(), &[]).unwrap();
         let ctx = std::sync::Arc::new(Context::new(shared, vec![], &[]));
-        let fut = super::Tunnel::new(ctx, c, "127.0.0.1:1".parse().unwrap()).run();
+        let fut = super::Tunnel::new(ctx, c, "127.0.0.1:1".parse().unwrap(), None).run();
         let size = std::mem::size_of_val(&fut);
         assert!(size < 5 * 1024, "tunnel future is {size} bytes");
     }

@@ -122,11 +122,15 @@ async fn timed_download(proxy: &TestProxy, from: &str, origin: &Origin, len: usi
     let started = Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = 0;
-    while got < len {
+    loop {
         let n = bounded(s.read(&mut buf)).await.unwrap();
-        assert!(n > 0, "stream ended early at {got}");
+        if n == 0 {
+            break;
+        }
+        assert!(buf[..n].iter().all(|b| *b == 0x5a), "corrupted bytes at {got}");
         got += n;
     }
+    assert_eq!(got, len, "exactly the bytes sent, no more, no fewer");
     started.elapsed()
 }
 
@@ -324,5 +328,56 @@ async fn proxy_auth_and_limits_keyed_by_user() {
     assert_eq!(connect_with_auth(&proxy, "127.0.0.3", &t, Some("alice:wonderland")).await.status, 429);
     assert_eq!(connect_with_auth(&proxy, "127.0.0.2", &t, Some("bob:builder")).await.status, 200);
     assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"auth_required\"}").await, 3.0);
+    // The origin's accept may lag the proxy's 200 (sent once the kernel connected).
+    bounded(async {
+        while origin.connections() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     assert_eq!(origin.connections(), 2);
+}
+
+#[tokio::test]
+async fn half_sent_heads_are_bounded_per_client() {
+    let origin = Origin::echo().await;
+    let toml = format!("[server]\nmax_pending_per_client = 2\n{}", loopback_policy(&[origin.port()]));
+    let proxy = TestProxy::start(&toml).await;
+    // Two connections that never finish a head hold both of this client's slots.
+    let _idle1 = dial_proxy(proxy.addr, Some(ip("127.0.0.8"))).await;
+    let _idle2 = dial_proxy(proxy.addr, Some(ip("127.0.0.8"))).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let mut third = dial_proxy(proxy.addr, Some(ip("127.0.0.8"))).await;
+    let head = read_reply_head(&mut third).await;
+    assert_eq!(head.status, 429, "{}", head.text);
+    assert!(started.elapsed() < Duration::from_secs(1), "turned away at once");
+    // Another client is not affected.
+    assert_eq!(open(&proxy, "127.0.0.9", &origin).await.0.status, 200);
+}
+
+#[tokio::test]
+async fn reordering_routes_on_reload_keeps_each_routes_count() {
+    let origin = Origin::echo().await;
+    let p = origin.port();
+    let config = |routes: &str| {
+        let text = format!(
+            "{}[dns.hosts]\n\"a.test\" = \"127.0.0.1\"\n\"b.test\" = \"127.0.0.1\"\n{routes}",
+            loopback_policy(&[p])
+        );
+        let mut c = Config::from_toml(&text, "routes").unwrap();
+        c.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        c.server.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        c
+    };
+    let a = "[[routes]]\nhosts = [\"a.test\"]\n[routes.per_client]\nmax_tunnels = 1\n";
+    let b = "[[routes]]\nhosts = [\"b.test\"]\n[routes.per_client]\nmax_tunnels = 1\n";
+    let proxy = TestProxy::start_config(config(&format!("{a}{b}"))).await;
+    let (h, _keep_a) = connect_from(proxy.addr, Some(ip("127.0.0.2")), &format!("a.test:{p}")).await;
+    assert_eq!(h.status, 200);
+    proxy.controller.reload(config(&format!("{b}{a}"))).unwrap();
+    let (h, _) = connect_from(proxy.addr, Some(ip("127.0.0.2")), &format!("a.test:{p}")).await;
+    assert_eq!(h.status, 429, "a's open tunnel still counts against a");
+    let (h, _keep_b) = connect_from(proxy.addr, Some(ip("127.0.0.2")), &format!("b.test:{p}")).await;
+    assert_eq!(h.status, 200, "b's count is its own");
 }

@@ -305,3 +305,38 @@ async fn a_ca_key_others_can_read_is_refused_at_start() {
     let err = veilgate::Proxy::bind(config).await.err().expect("refused");
     assert!(err.to_string().contains("readable by group or others"), "{err}");
 }
+
+#[tokio::test]
+async fn a_large_response_to_a_slow_reader_is_not_held_back() {
+    // A keep-alive origin sends 4 MiB and waits for the next request; the client starts
+    // reading late, so the proxy's writes to it block part-way. Every byte must still arrive
+    // (encrypted records must not sit unflushed in the proxy's TLS writer).
+    const BODY: usize = 4 << 20;
+    let s = setup();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(s.origin_pki.server_config());
+    let origin = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = tls.read(&mut buf).await;
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n");
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.write_all(&vec![b'z'; BODY]).await.unwrap();
+        tls.flush().await.unwrap();
+        // Keep the connection open, as a keep-alive origin does.
+        let _ = tls.read(&mut buf).await;
+    });
+    let proxy = TestProxy::start(&mitm_config(&s, addr.port(), &s.origin_ca, "\"localhost\"")).await;
+    let mut tls = tls_via(proxy.addr, &format!("localhost:{}", addr.port()), localhost(), roots_from(&[&s.ca_cert]))
+        .await
+        .unwrap();
+    tls.write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let want = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n").len() + BODY;
+    let mut got = vec![0u8; want];
+    bounded(tls.read_exact(&mut got)).await.unwrap();
+    assert!(got.ends_with(b"zzzz"));
+    origin.abort();
+}

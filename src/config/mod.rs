@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::policy::pattern::HostPattern;
 pub use units::{ByteRate, HumanDuration, PortRange};
 
+/// Longest timeout accepted: longer ones are mistakes, and far longer ones overflow clocks.
+const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// The documented default configuration, compiled in so `veilgate` runs with no file.
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/veilgate.toml");
 
@@ -93,6 +96,11 @@ pub struct ServerConfig {
     pub idle_timeout: HumanDuration,
     /// On SIGTERM, how long running tunnels may finish before they are closed.
     pub drain_timeout: HumanDuration,
+    /// Connections still sending their CONNECT head, all clients together; past it new
+    /// connections get 503 at once.
+    pub max_pending: u32,
+    /// The same per client address; past it, 429.
+    pub max_pending_per_client: u32,
 }
 
 impl Default for ServerConfig {
@@ -105,6 +113,8 @@ impl Default for ServerConfig {
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             idle_timeout: HumanDuration(Duration::from_secs(300)),
             drain_timeout: HumanDuration(Duration::from_secs(30)),
+            max_pending: 10_000,
+            max_pending_per_client: 64,
         }
     }
 }
@@ -283,6 +293,14 @@ pub struct RouteConfig {
     pub per_client: Option<RouteLimits>,
 }
 
+impl RouteConfig {
+    /// The route's identity: its normalised patterns. Per-route limit state is keyed by it,
+    /// so reordering routes on reload does not hand one route's counts to another.
+    pub fn key(&self) -> String {
+        self.hosts.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    }
+}
+
 /// `[routes.per_client]`: limits a route sets for its own destinations.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -421,8 +439,23 @@ impl Config {
             if d.0.is_zero() {
                 return Err(invalid(key, "must be longer than zero".into()));
             }
+            if d.0 > MAX_TIMEOUT {
+                return Err(invalid(key, "must be at most 30 days".into()));
+            }
         }
         let l = &self.limits;
+        if s.max_pending == 0 || s.max_pending_per_client == 0 {
+            return Err(invalid(
+                "server.max_pending",
+                "max_pending and max_pending_per_client must be at least 1".into(),
+            ));
+        }
+        if s.drain_timeout.0 > MAX_TIMEOUT {
+            return Err(invalid("server.drain_timeout", "must be at most 30 days".into()));
+        }
+        if let Some(a) = self.dns.servers.iter().find(|a| a.port() == 0) {
+            return Err(invalid("dns.servers", format!("{a} has port 0")));
+        }
         if l.max_tunnels == Some(0) {
             return Err(invalid("limits.max_tunnels", "0 would refuse every tunnel; remove the key for no cap".into()));
         }
@@ -473,8 +506,8 @@ impl Config {
             }
         }
         if let Some(m) = &self.mitm {
-            if m.leaf_cache_size == 0 {
-                return Err(invalid("mitm.leaf_cache_size", "must be at least 1".into()));
+            if !(1..=1_000_000).contains(&m.leaf_cache_size) {
+                return Err(invalid("mitm.leaf_cache_size", "must be between 1 and 1000000".into()));
             }
             if m.leaf_cache_ttl.0 >= Duration::from_secs(29 * 24 * 3600) || m.leaf_cache_ttl.0.is_zero() {
                 return Err(invalid("mitm.leaf_cache_ttl", "must be between 0 and 29 days (leaves live 30)".into()));

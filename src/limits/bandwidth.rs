@@ -104,14 +104,13 @@ impl Bucket {
         }
         // Boxed: the queue and timer state is needed only while waiting, and every tunnel
         // would otherwise carry room for it inline for its whole life.
-        Box::pin(self.wait_turn(rate, cells)).await
+        Box::pin(self.wait_turn(limiter, cells)).await
     }
 
-    async fn wait_turn(&self, rate: ByteRate, cells: u32) -> Duration {
+    async fn wait_turn(&self, limiter: Arc<Limiter>, cells: u32) -> Duration {
         let started = Instant::now();
         let _queued = Queued::join(&self.queued);
         let turn = self.queue.lock().await;
-        let limiter = self.limiter(rate);
         let mut left = cells;
         while left > 0 {
             let n = left.min(limiter.burst);

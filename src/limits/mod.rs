@@ -10,8 +10,10 @@
 
 pub mod bandwidth;
 pub mod conns;
+pub mod pending;
 pub mod rate;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
-use crate::config::{ByteRate, Config, LimitsConfig, RouteLimits};
+use crate::config::{ByteRate, Config, LimitsConfig, RouteConfig, RouteLimits};
 use crate::error::Refusal;
 use bandwidth::Bucket;
 use conns::{Gauge, GaugePermit};
@@ -104,7 +106,9 @@ impl Scope {
 #[derive(Debug, Clone, Default)]
 struct Settings {
     limits: LimitsConfig,
-    routes: Vec<Option<RouteLimits>>,
+    /// Route limits by route identity ([`RouteConfig::key`]), so a reload that reorders
+    /// routes keeps each route's state and limits together.
+    routes: HashMap<Arc<str>, RouteLimits>,
 }
 
 /// Per-client (or per-client-per-route) state. Shared by that client's tunnels; swept when
@@ -116,8 +120,8 @@ struct ClientState {
     last_used_ms: AtomicU64,
 }
 
-/// Key of the client map: the client, and the route index for route-scoped state.
-type StateKey = (ClientKey, Option<usize>);
+/// Key of the client map: the client, and the route identity for route-scoped state.
+type StateKey = (ClientKey, Option<Arc<str>>);
 
 /// All admission and bandwidth state of one proxy.
 pub struct Governor {
@@ -151,7 +155,11 @@ impl Governor {
         self.rate.configure(pc.new_tunnels_per_second, pc.new_tunnels_burst);
         self.settings.store(Arc::new(Settings {
             limits: config.limits.clone(),
-            routes: config.routes.iter().map(|r| r.per_client.clone()).collect(),
+            routes: config
+                .routes
+                .iter()
+                .filter_map(|r| r.per_client.clone().map(|l| (Arc::from(r.key()), l)))
+                .collect(),
         }));
     }
 
@@ -160,26 +168,30 @@ impl Governor {
         ClientKey::from_ip(ip, self.settings.load().limits.per_client.ipv6_prefix)
     }
 
-    /// Admits one tunnel for `client` to a destination on `route` (a route index), or says
-    /// why not. Cheapest refusal first.
-    pub fn admit(self: &Arc<Self>, client: &ClientKey, route: Option<usize>) -> Result<Admission, Refusal> {
+    /// Admits one tunnel for `client` to a destination on `route`, or says why not.
+    /// Cheapest refusal first.
+    pub fn admit(self: &Arc<Self>, client: &ClientKey, route: Option<&RouteConfig>) -> Result<Admission, Refusal> {
         let settings = self.settings.load();
         let global = self.global.try_acquire(settings.limits.max_tunnels).ok_or(Refusal::GlobalCap)?;
         let (client_state, client_permit) = self
             .acquire_client(client.clone(), None, settings.limits.per_client.max_tunnels)
             .ok_or(Refusal::ClientCap)?;
-        self.rate.check(client).map_err(|retry_after| Refusal::ClientRate { retry_after })?;
-        let route_scope = match route.and_then(|i| settings.routes.get(i).cloned().flatten().map(|l| (i, l))) {
-            Some((i, limits)) => {
-                Some(self.acquire_client(client.clone(), Some(i), limits.max_tunnels).ok_or(Refusal::RouteCap)?)
-            }
-            None => None,
+        // The route's cap before the rate: a refusal for a full route should not also spend
+        // the client's new-tunnel budget.
+        let route_key: Option<Arc<str>> = route.map(|r| Arc::from(r.key())).filter(|k| settings.routes.contains_key(k));
+        let route_scope = match (&route_key, route_key.as_ref().and_then(|k| settings.routes.get(k))) {
+            (Some(k), Some(limits)) => Some(
+                self.acquire_client(client.clone(), Some(Arc::clone(k)), limits.max_tunnels)
+                    .ok_or(Refusal::RouteCap)?,
+            ),
+            _ => None,
         };
+        self.rate.check(client).map_err(|retry_after| Refusal::ClientRate { retry_after })?;
         Ok(Admission {
             governor: Arc::clone(self),
             client: client_state,
             route: route_scope.as_ref().map(|(s, _)| Arc::clone(s)),
-            route_index: route,
+            route_key,
             _permits: (global, client_permit, route_scope.map(|(_, p)| p)),
         })
     }
@@ -190,7 +202,7 @@ impl Governor {
     fn acquire_client(
         &self,
         client: ClientKey,
-        route: Option<usize>,
+        route: Option<Arc<str>>,
         cap: Option<u32>,
     ) -> Option<(Arc<ClientState>, GaugePermit)> {
         let entry = self.clients.entry((client, route)).or_default();
@@ -260,7 +272,7 @@ pub struct Admission {
     governor: Arc<Governor>,
     client: Arc<ClientState>,
     route: Option<Arc<ClientState>>,
-    route_index: Option<usize>,
+    route_key: Option<Arc<str>>,
     _permits: (GaugePermit, GaugePermit, Option<GaugePermit>),
 }
 
@@ -285,7 +297,7 @@ impl Admission {
             governor: Arc::clone(&self.governor),
             client: Arc::clone(&self.client),
             route: self.route.clone(),
-            route_index: self.route_index,
+            route_key: self.route_key.clone(),
             dir,
             carry: 0,
         }
@@ -301,7 +313,7 @@ pub struct Throttle {
     governor: Arc<Governor>,
     client: Arc<ClientState>,
     route: Option<Arc<ClientState>>,
-    route_index: Option<usize>,
+    route_key: Option<Arc<str>>,
     dir: Direction,
     /// Bytes not yet charged (less than a cell), so small writes are charged exactly overall.
     carry: u64,
@@ -314,11 +326,8 @@ impl Throttle {
             Direction::Down => down,
         };
         let pc = &s.limits.per_client;
-        let route = self
-            .route_index
-            .and_then(|i| s.routes.get(i))
-            .and_then(Option::as_ref)
-            .and_then(|r| pick(r.bandwidth_up, r.bandwidth_down));
+        let route =
+            self.route_key.as_ref().and_then(|k| s.routes.get(k)).and_then(|r| pick(r.bandwidth_up, r.bandwidth_down));
         [pick(pc.bandwidth_up, pc.bandwidth_down), route, s.limits.bandwidth]
     }
 

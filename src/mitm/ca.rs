@@ -91,9 +91,8 @@ fn cert_err(what: &str) -> impl FnOnce(rcgen::Error) -> CaError + '_ {
 impl CertAuthority {
     /// Loads the CA, refusing a key file others can read.
     pub fn load(cert: &Path, key: &Path, cache_capacity: usize, cache_ttl: Duration) -> Result<CertAuthority, CaError> {
-        check_key_mode(key)?;
+        let key_pem = read_private(key)?;
         let cert_pem = std::fs::read_to_string(cert).map_err(io_err(cert))?;
-        let key_pem = std::fs::read_to_string(key).map_err(io_err(key))?;
         let key_pair = KeyPair::from_pem(&key_pem).map_err(cert_err("reading the CA key"))?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair).map_err(cert_err("reading the CA certificate"))?;
         let provider = CryptoProvider::get_default()
@@ -172,14 +171,29 @@ impl CertAuthority {
     }
 }
 
-/// A key file whose mode lets group or others read it is refused.
-fn check_key_mode(key: &Path) -> Result<(), CaError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(key).map_err(io_err(key))?.permissions().mode();
+/// Reads the key through one open file, refusing it when group or others may read it or
+/// when another user owns it (checked on the open file, so it cannot change in between).
+fn read_private(key: &Path) -> Result<String, CaError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut file = std::fs::File::open(key).map_err(io_err(key))?;
+    let meta = file.metadata().map_err(io_err(key))?;
+    let mode = meta.mode();
     if mode & 0o077 != 0 {
         return Err(CaError::KeyExposed { path: key.to_path_buf(), mode: mode & 0o777 });
     }
-    Ok(())
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(CaError::Tls(format!(
+            "{}: owned by uid {}, not by this process (uid {me})",
+            key.display(),
+            meta.uid()
+        )));
+    }
+    let mut pem = String::new();
+    file.read_to_string(&mut pem).map_err(io_err(key))?;
+    Ok(pem)
 }
 
 /// `veilgate ca init --dir DIR`: a new ECDSA P-256 CA, `veilgate-ca.pem` and

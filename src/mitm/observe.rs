@@ -15,6 +15,9 @@ use tracing::info;
 
 /// Largest head the observer buffers; a larger one stops observation (never forwarding).
 const MAX_HEAD: usize = 64 * 1024;
+/// Most requests waiting for their response; a client pipelining more stops observation
+/// rather than growing memory.
+const MAX_PENDING: usize = 256;
 
 #[derive(Debug)]
 struct Request {
@@ -185,7 +188,7 @@ impl Side {
                 other => other,
             };
             let Ok(mut ex) = self.observer.shared.lock() else { return };
-            if ex.off {
+            if ex.off || ex.pending.len() >= MAX_PENDING {
                 drop(ex);
                 return self.turn_off();
             }

@@ -54,6 +54,9 @@ impl UpstreamTls {
         }
         let mut cfg = ClientConfig::builder().with_root_certificates(Arc::clone(&self.roots)).with_no_client_auth();
         cfg.alpn_protocols = alpn.clone();
+        // Shared configs would resume one client's upstream session for another, and a
+        // session ticket is an identifier the origin could use to link them.
+        cfg.resumption = rustls::client::Resumption::disabled();
         let cfg = Arc::new(cfg);
         if let Ok(mut map) = self.configs.lock() {
             if map.len() < 64 {

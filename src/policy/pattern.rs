@@ -42,7 +42,20 @@ impl HostPattern {
         if !valid {
             return Err(format!("invalid host pattern {input:?}: write \"example.com\", \"*.example.com\" or \"*\""));
         }
-        Ok(if wild { HostPattern::Suffix(format!(".{name}")) } else { HostPattern::Exact(name) })
+        if wild {
+            return Ok(HostPattern::Suffix(format!(".{name}")));
+        }
+        // An address is matched in the canonical form targets are normalised to, so
+        // "127.1", "0x7f000001" or "0:0:0:0:0:0:0:1" mean what they say.
+        if let Ok(ip) = name.parse::<std::net::Ipv6Addr>() {
+            return Ok(HostPattern::Exact(ip.to_string()));
+        }
+        if let Ok(crate::target::Target { host: crate::target::Host::Ip(ip), .. }) =
+            crate::target::Target::parse(&format!("{name}:1"))
+        {
+            return Ok(HostPattern::Exact(ip.to_string()));
+        }
+        Ok(HostPattern::Exact(name))
     }
 
     /// True when the normalised host name `host` (lower case, no trailing dot) matches.
@@ -98,6 +111,9 @@ mod tests {
         assert!(!wild.matches("example.com"));
         assert!(!wild.matches("badexample.com"));
         assert!(HostPattern::parse("*").unwrap().matches("anything"));
+        assert!(HostPattern::parse("0x7f000001").unwrap().matches("127.0.0.1"));
+        assert!(HostPattern::parse("127.1").unwrap().matches("127.0.0.1"));
+        assert!(HostPattern::parse("0:0:0:0:0:0:0:1").unwrap().matches("::1"));
         for bad in ["", "*.", "a..b", "foo.*.com", "exa mple.com", "*example.com"] {
             assert!(HostPattern::parse(bad).is_err(), "{bad:?} should be rejected");
         }

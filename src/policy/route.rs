@@ -8,8 +8,10 @@ use crate::target::Target;
 /// What the route table decided for one target.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RouteMatch<'a> {
-    /// Index into the configured routes, when one matched (per-route limit state is keyed by it).
+    /// Index into the configured routes, when one matched.
     pub index: Option<usize>,
+    /// The route that matched.
+    pub route: Option<&'a RouteConfig>,
     /// The mode to use.
     pub mode: Mode,
     /// Per-client limits the route sets, if any.
@@ -23,8 +25,8 @@ pub fn lookup<'a>(routes: &'a [RouteConfig], target: &Target) -> RouteMatch<'a> 
         .iter()
         .enumerate()
         .find(|(_, r)| any_matches(&r.hosts, &host))
-        .map(|(i, r)| RouteMatch { index: Some(i), mode: r.mode, limits: r.per_client.as_ref() })
-        .unwrap_or(RouteMatch { index: None, mode: Mode::Tunnel, limits: None })
+        .map(|(i, r)| RouteMatch { index: Some(i), route: Some(r), mode: r.mode, limits: r.per_client.as_ref() })
+        .unwrap_or(RouteMatch { index: None, route: None, mode: Mode::Tunnel, limits: None })
 }
 
 #[cfg(test)]
