@@ -132,6 +132,11 @@ impl CertAuthority {
         Ok(Leaf { key, minted: true })
     }
 
+    /// Mints one throwaway leaf (not cached), so first-use costs are paid at load time.
+    pub fn warm_up(&self) -> Result<(), CaError> {
+        self.mint("warm-up.invalid").map(drop)
+    }
+
     fn mint(&self, host: &str) -> Result<CertifiedKey, CaError> {
         let leaf_key = KeyPair::generate().map_err(cert_err("generating a leaf key"))?;
         let mut params = CertificateParams::default();

@@ -73,11 +73,15 @@ pub struct Intercepted {
 impl Interceptor {
     /// Loads the CA (refusing an exposed key) and the upstream roots.
     pub fn load(cfg: &MitmConfig) -> Result<Interceptor, CaError> {
-        Ok(Interceptor {
+        let interceptor = Interceptor {
             ca: CertAuthority::load(&cfg.ca_cert, &cfg.ca_key, cfg.leaf_cache_size, cfg.leaf_cache_ttl.0)?,
             upstream: UpstreamTls::load(&cfg.upstream_roots)?,
             log_query: cfg.log_query,
-        })
+        };
+        // The crypto library seeds its random generator on first use, which costs tens of
+        // milliseconds; pay it here rather than in the first client's handshake.
+        interceptor.ca.warm_up()?;
+        Ok(interceptor)
     }
 
     /// Runs both handshakes. `leftover` are bytes the client sent with its CONNECT head.
@@ -90,11 +94,13 @@ impl Interceptor {
         deadline: Duration,
     ) -> Result<Intercepted, MitmError> {
         let host = target.host_str();
+        let t0 = std::time::Instant::now();
         let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), PrefixedIo::new(leftover, client));
         let start = tokio::time::timeout(deadline, acceptor)
             .await
             .map_err(|_| MitmError::Client("no ClientHello in time".into()))?
             .map_err(|e| MitmError::Client(format!("not a TLS ClientHello: {e}")))?;
+        let t_hello = t0.elapsed();
         let hello = start.client_hello();
         if let Some(sni) = hello.server_name() {
             if !sni.trim_end_matches('.').eq_ignore_ascii_case(&host) {
@@ -123,12 +129,20 @@ impl Interceptor {
                 return Err(MitmError::Upstream("handshake timed out".into()));
             }
         };
+        let t_upstream = t0.elapsed();
         let alpn = upstream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         let leaf = self.ca.leaf_for(&host).map_err(|e| MitmError::Client(format!("minting a leaf: {e}")))?;
         let client = tokio::time::timeout(deadline, start.into_stream(tls::server_config(leaf.key, alpn.clone())))
             .await
             .map_err(|_| MitmError::Client("handshake timed out".into()))?
             .map_err(|e| MitmError::Client(e.to_string()))?;
+        tracing::debug!(
+            hello_us = t_hello.as_micros() as u64,
+            upstream_us = (t_upstream - t_hello).as_micros() as u64,
+            client_us = (t0.elapsed() - t_upstream).as_micros() as u64,
+            minted = leaf.minted,
+            "interception handshakes"
+        );
         Ok(Intercepted { client, upstream, alpn, minted: leaf.minted })
     }
 }
