@@ -41,6 +41,9 @@ pub struct Metrics {
     limiter_keys: HashMap<&'static str, Gauge>,
     config_reloads: HashMap<&'static str, Counter>,
     config_max_tunnels: Gauge,
+    /// Accepts that failed for want of a resource (EMFILE, ENFILE, ENOBUFS): the listener
+    /// backs off and keeps serving, and this says it had to.
+    pub accept_errors: Counter,
     /// MITM leaf certificates minted.
     pub mitm_certs_minted: Counter,
     /// MITM leaf certificates served from the cache.
@@ -160,6 +163,11 @@ impl Metrics {
             config_max_tunnels: r.gauge(
                 "veilgate_config_max_tunnels",
                 "Configured global tunnel cap (limits.max_tunnels); 0 when unlimited.",
+                &[],
+            ),
+            accept_errors: r.counter(
+                "veilgate_accept_errors_total",
+                "Accepts that failed for want of a resource (descriptors, buffers); the listener backs off.",
                 &[],
             ),
             mitm_certs_minted: r.counter(

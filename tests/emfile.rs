@@ -46,4 +46,5 @@ async fn accept_survives_descriptor_exhaustion() {
     let mut b = [0u8; 5];
     bounded(s.read_exact(&mut b)).await.unwrap();
     assert_eq!(&b, b"alive");
+    assert!(proxy.metric("veilgate_accept_errors_total").await >= 1.0, "the listener did hit EMFILE and backed off");
 }
