@@ -15,6 +15,7 @@
 //!   `splice`: its zero-copy form for blind tunnels on Linux.
 //! - [`mitm`]: per-route interception (CA, minted leaves, verified upstream TLS, observation);
 //!   [`probe`]: the interception self-check.
+//! - [`meter`]: the throttle and counters wrapped around each relay direction.
 //! - [`metrics`], [`admin`]: Prometheus registry and the admin listener.
 //! - [`config`], [`cli`], [`context`], [`error`], [`reply`]: the rest.
 #![warn(missing_docs)]
@@ -29,6 +30,7 @@ pub mod dial;
 pub mod error;
 pub mod io;
 pub mod limits;
+pub mod meter;
 pub mod metrics;
 pub mod mitm;
 pub mod policy;

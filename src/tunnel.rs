@@ -6,7 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Gauge};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -16,10 +15,11 @@ use crate::connect::{self, ConnectRequest, HeadError};
 use crate::context::{Context, Shared};
 use crate::error::Refusal;
 use crate::limits::pending::PendingPermit;
-use crate::limits::{Admission, ClientKey, Direction, Scope, Throttle};
-use crate::mitm::observe::{self, Observer};
+use crate::limits::{Admission, ClientKey, Direction};
+use crate::meter::{ActiveGuard, Meter};
+use crate::mitm::observe::Observer;
 use crate::policy::route;
-use crate::relay::{self, End, Flow};
+use crate::relay::{self, End};
 use crate::target::Target;
 use crate::{dial, reply};
 
@@ -263,69 +263,6 @@ fn client_field(ip: IpAddr, mode: ClientAddressLog) -> Option<String> {
             let masked = std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 80));
             Some(format!("{masked}/48"))
         }
-    }
-}
-
-/// Keeps `tunnels_active{mode}` right on every exit path, panics included.
-struct ActiveGuard(Gauge);
-
-impl ActiveGuard {
-    fn new(g: Gauge) -> ActiveGuard {
-        g.increment(1.0);
-        ActiveGuard(g)
-    }
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
-    }
-}
-
-/// One direction's [`Flow`]: the governor's throttle before each write, counters after.
-struct Meter {
-    throttle: Throttle,
-    bytes: Counter,
-    waits: [Gauge; 3],
-    total: u64,
-    observe: Option<observe::Side>,
-}
-
-impl Meter {
-    fn new(ctx: &Context, admission: &Admission, mode: Mode, dir: Direction, observe: Option<observe::Side>) -> Meter {
-        Meter {
-            throttle: admission.throttle(dir),
-            bytes: ctx.metrics.bytes(mode, dir),
-            waits: Scope::ALL.map(|s| ctx.metrics.throttle_wait(s, dir)),
-            total: 0,
-            observe,
-        }
-    }
-}
-
-impl Flow for Meter {
-    fn max_chunk(&self) -> Option<usize> {
-        self.throttle.max_chunk()
-    }
-
-    async fn before_write(&mut self, n: usize) {
-        let waited = self.throttle.wait(n).await;
-        for (gauge, d) in self.waits.iter().zip(waited.0) {
-            if !d.is_zero() {
-                gauge.increment(d.as_secs_f64());
-            }
-        }
-    }
-
-    fn inspect(&mut self, chunk: &[u8]) {
-        if let Some(o) = &mut self.observe {
-            o.feed(chunk);
-        }
-    }
-
-    fn written(&mut self, n: usize) {
-        self.bytes.increment(n as u64);
-        self.total += n as u64;
     }
 }
 
