@@ -182,8 +182,7 @@ async fn connect_happy(addrs: Vec<SocketAddr>, deadline: Duration) -> Result<(Tc
         // One address: nothing to race, so no task to spawn.
         return match tokio::time::timeout(deadline, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => Ok((s, addr)),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(Refusal::UpstreamTimeout),
-            Ok(Err(_)) => Err(Refusal::UpstreamFailed),
+            Ok(Err(e)) => Err(connect_refusal(Some(&e))),
             Err(_) => Err(Refusal::UpstreamTimeout),
         };
     }
@@ -222,14 +221,18 @@ async fn connect_happy(addrs: Vec<SocketAddr>, deadline: Duration) -> Result<(Tc
     };
     match tokio::time::timeout(deadline, race).await {
         Ok(Ok(won)) => Ok(won),
-        Ok(Err(e)) => {
-            if e.as_ref().is_some_and(|e| e.kind() == io::ErrorKind::TimedOut) {
-                Err(Refusal::UpstreamTimeout)
-            } else {
-                Err(Refusal::UpstreamFailed)
-            }
-        }
+        Ok(Err(e)) => Err(connect_refusal(e.as_ref())),
         Err(_) => Err(Refusal::UpstreamTimeout),
+    }
+}
+
+/// The refusal for a failed connect: the kernel's own timeout is a 504 like ours; anything
+/// else (refused, unreachable) is a 502.
+fn connect_refusal(e: Option<&io::Error>) -> Refusal {
+    if e.is_some_and(|e| e.kind() == io::ErrorKind::TimedOut) {
+        Refusal::UpstreamTimeout
+    } else {
+        Refusal::UpstreamFailed
     }
 }
 

@@ -120,36 +120,12 @@ async fn pump<F: Flow>(src: &TcpStream, dst: &TcpStream, flow: &mut F, activity:
     // Small exchanges (a handshake, an interactive protocol) are cheapest as a plain read and
     // write through a pooled buffer held only while the bytes are in flight. A read that
     // fills its buffer marks a bulk transfer, and the direction moves to splice for good.
-    loop {
-        let want = flow.max_chunk().map_or(COPY_BUF, |c| c.clamp(1, COPY_BUF));
-        src.readable().await?;
-        let mut buf = pool::take();
-        let n = match src.try_read(&mut buf[..want]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                pool::give(buf);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            pool::give(buf);
-            return socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
-        }
-        activity.touch();
-        flow.before_write(n).await;
-        activity.touch();
-        write_all(dst, &buf[..n]).await?;
-        pool::give(buf);
-        flow.written(n);
-        activity.touch();
-        if n == want {
-            break;
-        }
+    if copy(src, dst, flow, activity, true).await? == Copied::Eof {
+        return Ok(());
     }
     let pipe = match Pipe::new() {
         Ok(p) => p,
-        Err(_) => return Box::pin(copy(src, dst, flow, activity)).await,
+        Err(_) => return copy_to_end(src, dst, flow, activity).await,
     };
     let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
     let (pipe_r, pipe_w) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
@@ -157,12 +133,11 @@ async fn pump<F: Flow>(src: &TcpStream, dst: &TcpStream, flow: &mut F, activity:
         let want = flow.max_chunk().map_or(PIPE_CHUNK, |c| c.clamp(1, PIPE_CHUNK));
         let n = match src.async_io(Interest::READABLE, || splice(src_fd, pipe_w, want)).await {
             Ok(n) => n,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Box::pin(copy(src, dst, flow, activity)).await,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return copy_to_end(src, dst, flow, activity).await,
             Err(e) => return Err(e),
         };
         if n == 0 {
-            // Half-close: pass the EOF on and let the other direction finish.
-            return socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+            return pass_eof(dst);
         }
         activity.touch();
         flow.before_write(n).await;
@@ -177,6 +152,65 @@ async fn pump<F: Flow>(src: &TcpStream, dst: &TcpStream, flow: &mut F, activity:
         flow.written(n);
         activity.touch();
     }
+}
+
+/// Half-close: pass the EOF on and let the other direction finish.
+fn pass_eof(dst: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write)
+}
+
+/// How a copy phase ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Copied {
+    /// The source ended (and the EOF was passed on).
+    Eof,
+    /// A read filled the buffer: the direction is bulk.
+    Bulk,
+}
+
+/// Read into a pooled buffer, write it out, until the source ends or, with `until_bulk`, a
+/// read fills the buffer.
+async fn copy<F: Flow>(
+    src: &TcpStream,
+    dst: &TcpStream,
+    flow: &mut F,
+    activity: &Activity,
+    until_bulk: bool,
+) -> io::Result<Copied> {
+    loop {
+        let want = flow.max_chunk().map_or(COPY_BUF, |c| c.clamp(1, COPY_BUF));
+        src.readable().await?;
+        let mut buf = pool::take();
+        let n = match src.try_read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pool::give(buf);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            pool::give(buf);
+            pass_eof(dst)?;
+            return Ok(Copied::Eof);
+        }
+        activity.touch();
+        flow.before_write(n).await;
+        activity.touch();
+        write_all(dst, &buf[..n]).await?;
+        pool::give(buf);
+        flow.written(n);
+        activity.touch();
+        if until_bulk && n == want {
+            return Ok(Copied::Bulk);
+        }
+    }
+}
+
+/// The portable path for a direction splice cannot serve; boxed, because it is rare and its
+/// state would otherwise enlarge every tunnel.
+async fn copy_to_end<F: Flow>(src: &TcpStream, dst: &TcpStream, flow: &mut F, activity: &Activity) -> io::Result<()> {
+    Box::pin(copy(src, dst, flow, activity, false)).await.map(drop)
 }
 
 /// Per-thread pool of copy buffers, so a tunnel holds one only while its bytes are in flight.
@@ -203,22 +237,5 @@ mod pool {
                 f.push(buf);
             }
         });
-    }
-}
-
-/// The portable path: read into a buffer, write it out.
-async fn copy<F: Flow>(src: &TcpStream, dst: &TcpStream, flow: &mut F, activity: &Activity) -> io::Result<()> {
-    let mut buf = vec![0u8; BUF_SIZE];
-    loop {
-        let want = flow.max_chunk().map_or(BUF_SIZE, |c| c.clamp(1, BUF_SIZE));
-        let n = src.async_io(Interest::READABLE, || src.try_read(&mut buf[..want])).await?;
-        if n == 0 {
-            return socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
-        }
-        activity.touch();
-        flow.before_write(n).await;
-        write_all(dst, &buf[..n]).await?;
-        flow.written(n);
-        activity.touch();
     }
 }

@@ -7,7 +7,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 pub type Json = Map<String, Value>;
 
@@ -252,4 +252,25 @@ pub fn insert_cpu(m: &mut Json, p0: Option<ProcSample>, p1: Option<ProcSample>) 
 pub fn emit(m: Json, human: String) {
     println!("{}", Value::Object(m));
     eprintln!("{human}");
+}
+
+/// Accepts on `l` for ever and spawns `handle` for each connection (TCP_NODELAY set). Accept
+/// errors (out of descriptors, a reset before accept) are logged and retried: keep serving.
+pub async fn accept_forever<F, Fut>(l: TcpListener, handle: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (s, _) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = s.set_nodelay(true);
+        tokio::spawn(handle(s));
+    }
 }

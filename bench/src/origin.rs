@@ -8,7 +8,7 @@
 //! `Connection: close`, `Q` the sink totals (16 bytes: bytes, connections), `W` nothing (a
 //! client's warm-up). Records with mode `Q` or `W` are control traffic, left out of summaries.
 
-use crate::common::{Json, emit, err, loopback_addr};
+use crate::common::{Json, accept_forever, emit, err, loopback_addr};
 use crate::pki;
 use crate::servers::pattern;
 use clap::Args;
@@ -133,20 +133,7 @@ pub async fn tls_origin(a: OriginArgs) -> io::Result<()> {
         let l = TcpListener::bind(loopback_addr(addr)?).await?;
         eprintln!("tls-origin listening on {}", l.local_addr()?);
         let (cfg, log) = (cfg.clone(), log.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let (s, _) = match l.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        eprintln!("accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let _ = s.set_nodelay(true);
-                tokio::spawn(origin_conn(s, cfg.clone(), log.clone()));
-            }
-        }));
+        tasks.push(tokio::spawn(accept_forever(l, move |s| origin_conn(s, cfg.clone(), log.clone()))));
     }
     eprintln!(
         "tls-origin: PKI in {} ({}), CA {}, leaf SHA-256 {leaf_fp}, hellos to {}",

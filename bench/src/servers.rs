@@ -7,7 +7,7 @@
 //! - source: after the client's first byte (any), stream 128 KiB buffers until it closes.
 //! - echo: write back whatever arrives.
 
-use crate::common::{err, loopback_addr};
+use crate::common::{accept_forever, err, loopback_addr};
 use clap::Args;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -69,25 +69,15 @@ pub async fn serve(a: ServeArgs) -> io::Result<()> {
 }
 
 async fn accept_loop(l: TcpListener, kind: Kind) -> io::Result<()> {
-    loop {
-        let (s, _) = match l.accept().await {
-            Ok(x) => x,
-            // Out of descriptors or a reset before accept: keep serving.
-            Err(e) => {
-                eprintln!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
+    accept_forever(l, move |s| async move {
+        let _ = match kind {
+            Kind::Sink => sink_conn(s).await,
+            Kind::Source => source_conn(s).await,
+            Kind::Echo => echo_conn(s).await,
         };
-        let _ = s.set_nodelay(true);
-        tokio::spawn(async move {
-            let _ = match kind {
-                Kind::Sink => sink_conn(s).await,
-                Kind::Source => source_conn(s).await,
-                Kind::Echo => echo_conn(s).await,
-            };
-        });
-    }
+    })
+    .await;
+    Ok(())
 }
 
 async fn sink_conn(mut s: TcpStream) -> io::Result<()> {
