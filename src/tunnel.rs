@@ -151,12 +151,9 @@ impl Report {
         UR: AsyncRead + Unpin,
         UW: AsyncWrite + Unpin,
     {
-        let ctx = Arc::clone(&self.ctx);
         let started = Instant::now();
-        let _active = ActiveGuard::new(ctx.metrics.tunnels_active(self.mode));
-        let mut up = Meter::new(&ctx, &admission, self.mode, Direction::Up, watch.as_ref().map(|o| o.side(true)));
-        let mut down = Meter::new(&ctx, &admission, self.mode, Direction::Down, watch.as_ref().map(|o| o.side(false)));
-        let end = relay::relay(client, upstream, first_up, &mut up, &mut down, idle, &ctx.stop).await;
+        let (_active, mut up, mut down) = self.instruments(&admission, watch.as_ref());
+        let end = relay::relay(client, upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
         if let (Some(o), Some(d)) = (&watch, &down.observe) {
             o.finish(d);
         }
@@ -218,12 +215,10 @@ impl Report {
     ) {
         #[cfg(target_os = "linux")]
         {
-            let ctx = Arc::clone(&self.ctx);
             let started = Instant::now();
-            let _active = ActiveGuard::new(ctx.metrics.tunnels_active(self.mode));
-            let mut up = Meter::new(&ctx, &admission, self.mode, Direction::Up, None);
-            let mut down = Meter::new(&ctx, &admission, self.mode, Direction::Down, None);
-            let end = crate::splice::relay_tcp(&client, &upstream, first_up, &mut up, &mut down, idle, &ctx.stop).await;
+            let (_active, mut up, mut down) = self.instruments(&admission, None);
+            let end =
+                crate::splice::relay_tcp(&client, &upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
             self.ended(end, started, up.total, down.total);
             drop(admission);
         }
@@ -232,6 +227,15 @@ impl Report {
             let (mut client, mut upstream) = (client, upstream);
             self.relay(client.split(), upstream.split(), first_up, admission, idle, None).await;
         }
+    }
+
+    /// The active-tunnel guard and both directions' meters (with observers, in MITM mode).
+    fn instruments(&self, admission: &Admission, watch: Option<&Observer>) -> (ActiveGuard, Meter, Meter) {
+        let ctx = &self.ctx;
+        let active = ActiveGuard::new(ctx.metrics.tunnels_active(self.mode));
+        let up = Meter::new(ctx, admission, self.mode, Direction::Up, watch.map(|o| o.side(true)));
+        let down = Meter::new(ctx, admission, self.mode, Direction::Down, watch.map(|o| o.side(false)));
+        (active, up, down)
     }
 
     fn ended(&self, end: End, started: Instant, bytes_up: u64, bytes_down: u64) {

@@ -13,6 +13,7 @@ pub mod conns;
 pub mod pending;
 pub mod rate;
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -300,6 +301,7 @@ impl Admission {
             route_key: self.route_key.clone(),
             dir,
             carry: 0,
+            seen: Cell::new(None),
         }
     }
 }
@@ -317,6 +319,9 @@ pub struct Throttle {
     dir: Direction,
     /// Bytes not yet charged (less than a cell), so small writes are charged exactly overall.
     carry: u64,
+    /// The rates [`Throttle::max_chunk`] read for the chunk now in flight, so its wait uses
+    /// them instead of reading the settings a second time per chunk.
+    seen: Cell<Option<[Option<ByteRate>; 3]>>,
 }
 
 impl Throttle {
@@ -333,14 +338,18 @@ impl Throttle {
 
     /// Largest chunk the relay should read, or `None` when no budget applies.
     pub fn max_chunk(&self) -> Option<usize> {
-        let s = self.governor.settings.load();
-        self.rates(&s).into_iter().flatten().map(bandwidth::chunk_for).min()
+        let rates = self.rates(&self.governor.settings.load());
+        self.seen.set(Some(rates));
+        rates.into_iter().flatten().map(bandwidth::chunk_for).min()
     }
 
     /// Waits until `n` bytes may pass: client budget, then route, then global.
     pub async fn wait(&mut self, n: usize) -> Waited {
         let mut waited = Waited::default();
-        let rates = self.rates(&self.governor.settings.load());
+        let rates = match self.seen.take() {
+            Some(r) => r,
+            None => self.rates(&self.governor.settings.load()),
+        };
         if rates.iter().all(Option::is_none) {
             self.carry = 0;
             return waited;
