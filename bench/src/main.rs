@@ -6,6 +6,7 @@
 //! Every load loop is bounded by a count and by wall-clock time.
 
 mod common;
+mod floor;
 mod load;
 mod origin;
 mod pki;
@@ -48,6 +49,8 @@ enum Cmd {
     Table(report::TableArgs),
     /// Print loopback ports that are free right now (for scripts).
     FreePorts(report::FreePortsArgs),
+    /// The floor: a minimal blocking splice relay to one fixed target, no CONNECT, as a yardstick.
+    Floor(floor::FloorArgs),
 }
 
 fn main() {
@@ -69,6 +72,7 @@ fn main() {
             Cmd::TlsHellos(a) => origin::tls_hellos(a),
             Cmd::Table(a) => report::table(a),
             Cmd::FreePorts(a) => report::free_ports(a),
+            Cmd::Floor(a) => floor::floor(a),
         }
     });
     // Servers' and clients' tasks may still hold sockets: leave at once either way.
