@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::io;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -114,12 +115,16 @@ where
         )
         .map(|_| ())
     };
-    supervise(both, &activity, idle_timeout, stop).await
+    supervise(pin!(both), &activity, idle_timeout, stop).await
 }
 
 /// Runs both directions (`both`) until they finish, fail, go idle, or `stop` fires.
+///
+/// `both` is borrowed, pinned in the caller's frame: taken by value, it would be stored twice
+/// in the tunnel's state (once as the caller's local, once inside this future), and that
+/// state is what every idle tunnel costs.
 pub(crate) async fn supervise(
-    both: impl Future<Output = io::Result<()>>,
+    both: Pin<&mut impl Future<Output = io::Result<()>>>,
     activity: &Activity,
     idle_timeout: Duration,
     stop: &CancellationToken,

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -103,7 +103,7 @@ pub async fn relay_tcp<FU: Flow, FD: Flow>(
         };
         tokio::try_join!(upward, pump(upstream_r, client_w, down, &activity, &ended)).map(|_| ())
     };
-    supervise(both, &activity, idle_timeout, stop).await
+    supervise(pin!(both), &activity, idle_timeout, stop).await
 }
 
 async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
