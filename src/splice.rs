@@ -11,12 +11,11 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::pin::{Pin, pin};
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, Interest, ReadBuf};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
@@ -77,7 +76,8 @@ fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
-/// Relays between two TCP sockets until the tunnel ends.
+/// Relays between two TCP sockets until the tunnel ends. The caller must close both sockets
+/// as soon as this returns: the direction that ends last leaves its FIN to that close.
 pub async fn relay_tcp<FU: Flow, FD: Flow>(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
@@ -202,13 +202,16 @@ async fn copy<F: Flow>(
         let want = flow.max_chunk().map_or(COPY_BUF, |c| c.clamp(1, COPY_BUF));
         src.as_ref().readable().await?;
         let mut buf = pool::take();
-        let n = match read_now(src, &mut buf[..want]) {
-            Poll::Ready(Ok(n)) => n,
-            Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => {
+        // `try_read`, not `AsyncRead::poll_read`: tokio's poll_read takes a short read as
+        // proof the socket is drained and clears readiness, but Linux also ends a read at the
+        // urgent mark, and the bytes behind it would then wait for the peer's next segment.
+        let n = match src.as_ref().try_read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 pool::give(buf);
                 continue;
             }
+            Err(e) => return Err(e),
         };
         if n == 0 {
             pool::give(buf);
@@ -225,17 +228,6 @@ async fn copy<F: Flow>(
             return Ok(Copied::Bulk);
         }
     }
-}
-
-/// One read attempt through tokio's `AsyncRead` for a socket that was just reported readable.
-/// Unlike `try_read`, it treats a short read as proof the socket is drained (true of epoll
-/// and a stream socket) and clears the readiness, so an interactive exchange costs one
-/// `recvfrom` per message instead of two (the second would only say EAGAIN). `Pending`
-/// means the readiness was stale; the waker it registered is replaced by the caller's next wait.
-fn read_now(src: &mut ReadHalf<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut rb = ReadBuf::new(buf);
-    Pin::new(src).poll_read(&mut cx, &mut rb).map_ok(|()| rb.filled().len())
 }
 
 /// The portable path for a direction splice cannot serve; boxed, because it is rare and its

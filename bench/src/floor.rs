@@ -45,26 +45,41 @@ pub fn floor(a: FloorArgs) -> io::Result<()> {
     });
     eprintln!("floor relay {listen} -> {target} ({})", if copy { "copy" } else { "splice" });
     for client in listener.incoming() {
-        let Ok(client) = client else { continue };
+        let Ok(client) = client else {
+            // Out of descriptors or buffers: back off instead of spinning.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         std::thread::spawn(move || {
             let Ok(upstream) = TcpStream::connect(target) else { return };
             for s in [&client, &upstream] {
                 let _ = s.set_nodelay(true);
             }
             let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else { return };
-            let up = std::thread::spawn(move || pump(c2, u2, copy));
-            let _ = pump(upstream, client, copy);
+            // A failed direction shuts both sockets down fully, which also wakes the other.
+            let up = std::thread::spawn(move || {
+                if pump(&c2, &u2, copy).is_err() {
+                    shut(&c2, &u2);
+                }
+            });
+            if pump(&upstream, &client, copy).is_err() {
+                shut(&client, &upstream);
+            }
             let _ = up.join();
         });
     }
     Err(err("listener closed"))
 }
 
+fn shut(a: &TcpStream, b: &TcpStream) {
+    let _ = a.shutdown(Shutdown::Both);
+    let _ = b.shutdown(Shutdown::Both);
+}
+
 /// One direction until EOF, then pass the EOF on.
-fn pump(src: TcpStream, mut dst: TcpStream, copy: bool) -> io::Result<()> {
+fn pump(mut src: &TcpStream, mut dst: &TcpStream, copy: bool) -> io::Result<()> {
     if copy {
         let mut buf = vec![0u8; CHUNK];
-        let mut src = src;
         loop {
             let n = src.read(&mut buf)?;
             if n == 0 {
