@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::{Activity, BUF_SIZE, End, Flow, supervise};
@@ -79,8 +78,8 @@ fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
 /// Relays between two TCP sockets until the tunnel ends. The caller must close both sockets
 /// as soon as this returns: the direction that ends last leaves its FIN to that close.
 pub async fn relay_tcp<FU: Flow, FD: Flow>(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+    client: &TcpStream,
+    upstream: &TcpStream,
     first_up: Vec<u8>,
     up: &mut FU,
     down: &mut FD,
@@ -89,19 +88,17 @@ pub async fn relay_tcp<FU: Flow, FD: Flow>(
 ) -> End {
     let activity = Activity::new();
     let ended = AtomicBool::new(false);
-    let (client_r, client_w) = client.split();
-    let (upstream_r, upstream_w) = upstream.split();
     let both = async {
         // Bytes that came with the CONNECT head go upstream before the client's next ones,
         // while the downstream direction already runs (an origin may talk first).
         let upward = async {
             if !first_up.is_empty() {
-                write_first(upstream_w.as_ref(), first_up, up).await?;
+                write_first(upstream, first_up, up).await?;
                 activity.touch();
             }
-            pump(client_r, upstream_w, up, &activity, &ended).await
+            pump(client, upstream, up, &activity, &ended).await
         };
-        tokio::try_join!(upward, pump(upstream_r, client_w, down, &activity, &ended)).map(|_| ())
+        tokio::try_join!(upward, pump(upstream, client, down, &activity, &ended)).map(|_| ())
     };
     supervise(pin!(both), &activity, idle_timeout, stop).await
 }
@@ -124,8 +121,8 @@ async fn write_first<F: Flow>(dst: &TcpStream, first: Vec<u8>, flow: &mut F) -> 
 }
 
 async fn pump<F: Flow>(
-    mut src: ReadHalf<'_>,
-    dst: WriteHalf<'_>,
+    src: &TcpStream,
+    dst: &TcpStream,
     flow: &mut F,
     activity: &Activity,
     ended: &AtomicBool,
@@ -133,19 +130,18 @@ async fn pump<F: Flow>(
     // Small exchanges (a handshake, an interactive protocol) are cheapest as a plain read and
     // write through a pooled buffer held only while the bytes are in flight. A read that
     // fills its buffer marks a bulk transfer, and the direction moves to splice for good.
-    if copy(&mut src, &dst, flow, activity, true).await? == Copied::Eof {
-        return pass_eof(dst.as_ref(), ended);
+    if copy(src, dst, flow, activity, ended, true).await? == Copied::Eof {
+        return Ok(());
     }
     let pipe = match Pipe::new() {
         Ok(p) => p,
         Err(_) => return copy_to_end(src, dst, flow, activity, ended).await,
     };
-    let (src_s, dst_s) = (src.as_ref(), dst.as_ref());
-    let (src_fd, dst_fd) = (src_s.as_raw_fd(), dst_s.as_raw_fd());
+    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
     let (pipe_r, pipe_w) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
     loop {
         let want = flow.max_chunk().map_or(PIPE_CHUNK, |c| c.clamp(1, PIPE_CHUNK));
-        let n = match src_s.async_io(Interest::READABLE, || splice(src_fd, pipe_w, want)).await {
+        let n = match src.async_io(Interest::READABLE, || splice(src_fd, pipe_w, want)).await {
             Ok(n) => n,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 return copy_to_end(src, dst, flow, activity, ended).await;
@@ -153,14 +149,14 @@ async fn pump<F: Flow>(
             Err(e) => return Err(e),
         };
         if n == 0 {
-            return pass_eof(dst_s, ended);
+            return pass_eof(dst, ended);
         }
         activity.touch();
         flow.before_write(n).await;
         activity.touch();
         let mut left = n;
         while left > 0 {
-            match dst_s.async_io(Interest::WRITABLE, || splice(pipe_r, dst_fd, left)).await? {
+            match dst.async_io(Interest::WRITABLE, || splice(pipe_r, dst_fd, left)).await? {
                 0 => return Err(io::ErrorKind::WriteZero.into()),
                 m => left -= m,
             }
@@ -189,23 +185,24 @@ enum Copied {
     Bulk,
 }
 
-/// Read into a pooled buffer, write it out, until the source ends (the caller passes the EOF
-/// on) or, with `until_bulk`, a read fills the buffer.
+/// Read into a pooled buffer, write it out, until the source ends (and the EOF was passed on)
+/// or, with `until_bulk`, a read fills the buffer.
 async fn copy<F: Flow>(
-    src: &mut ReadHalf<'_>,
-    dst: &WriteHalf<'_>,
+    src: &TcpStream,
+    dst: &TcpStream,
     flow: &mut F,
     activity: &Activity,
+    ended: &AtomicBool,
     until_bulk: bool,
 ) -> io::Result<Copied> {
     loop {
         let want = flow.max_chunk().map_or(COPY_BUF, |c| c.clamp(1, COPY_BUF));
-        src.as_ref().readable().await?;
+        src.readable().await?;
         let mut buf = pool::take();
         // `try_read`, not `AsyncRead::poll_read`: tokio's poll_read takes a short read as
         // proof the socket is drained and clears readiness, but Linux also ends a read at the
         // urgent mark, and the bytes behind it would then wait for the peer's next segment.
-        let n = match src.as_ref().try_read(&mut buf[..want]) {
+        let n = match src.try_read(&mut buf[..want]) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 pool::give(buf);
@@ -215,12 +212,13 @@ async fn copy<F: Flow>(
         };
         if n == 0 {
             pool::give(buf);
+            pass_eof(dst, ended)?;
             return Ok(Copied::Eof);
         }
         activity.touch();
         flow.before_write(n).await;
         activity.touch();
-        write_all(dst.as_ref(), &buf[..n]).await?;
+        write_all(dst, &buf[..n]).await?;
         pool::give(buf);
         flow.written(n);
         activity.touch();
@@ -233,14 +231,13 @@ async fn copy<F: Flow>(
 /// The portable path for a direction splice cannot serve; boxed, because it is rare and its
 /// state would otherwise enlarge every tunnel.
 async fn copy_to_end<F: Flow>(
-    mut src: ReadHalf<'_>,
-    dst: WriteHalf<'_>,
+    src: &TcpStream,
+    dst: &TcpStream,
     flow: &mut F,
     activity: &Activity,
     ended: &AtomicBool,
 ) -> io::Result<()> {
-    Box::pin(copy(&mut src, &dst, flow, activity, false)).await?;
-    pass_eof(dst.as_ref(), ended)
+    Box::pin(copy(src, dst, flow, activity, ended, false)).await.map(drop)
 }
 
 /// Per-thread pool of copy buffers, so a tunnel holds one only while its bytes are in flight.

@@ -207,8 +207,8 @@ impl Report {
     /// A blind tunnel: zero-copy on Linux, the portable relay elsewhere.
     async fn relay_tcp(
         self,
-        mut client: TcpStream,
-        mut upstream: TcpStream,
+        client: TcpStream,
+        upstream: TcpStream,
         first_up: Vec<u8>,
         admission: Admission,
         idle: Duration,
@@ -217,21 +217,14 @@ impl Report {
         {
             let started = Instant::now();
             let (_active, mut up, mut down) = self.instruments(&admission, None);
-            let end = crate::splice::relay_tcp(
-                &mut client,
-                &mut upstream,
-                first_up,
-                &mut up,
-                &mut down,
-                idle,
-                &self.ctx.stop,
-            )
-            .await;
+            let end =
+                crate::splice::relay_tcp(&client, &upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
             self.ended(end, started, up.total, down.total);
             drop(admission);
         }
         #[cfg(not(target_os = "linux"))]
         {
+            let (mut client, mut upstream) = (client, upstream);
             self.relay(client.split(), upstream.split(), first_up, admission, idle, None).await;
         }
     }
