@@ -75,6 +75,45 @@ fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
+/// Moves up to `len` bytes from the socket `src` into the empty pipe `pipe_w`.
+///
+/// splice(2) from TCP stops at the urgent mark and says EAGAIN there for as long as the mark
+/// is unread (the kernel's `tcp_read_sock` will not step over it), while epoll has already
+/// reported the socket readable: a bulk direction would wait for an event that never comes,
+/// or take a later FIN for the end of the stream. An ordinary read goes past the mark, and
+/// SO_OOBINLINE (set on both sockets) keeps the urgent byte in the stream, so on EAGAIN one
+/// read is tried and what it returns is written into the pipe. On a drained socket that read
+/// says EAGAIN too; it costs one system call per wait, not per byte.
+fn splice_in(src: i32, pipe_w: i32, len: usize) -> io::Result<usize> {
+    match splice(src, pipe_w, len) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => read_into_pipe(src, pipe_w, len),
+        r => r,
+    }
+}
+
+/// Bytes read past an urgent mark at once: at most what an empty pipe takes atomically.
+const PAST_MARK: usize = 512;
+
+fn read_into_pipe(src: i32, pipe_w: i32, len: usize) -> io::Result<usize> {
+    let mut buf = [0u8; PAST_MARK];
+    let want = len.min(PAST_MARK);
+    // SAFETY: reads at most `want` bytes into a buffer of PAST_MARK >= want bytes we own.
+    let n = unsafe { libc::recv(src, buf.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
+    if n <= 0 {
+        return if n == 0 { Ok(0) } else { Err(io::Error::last_os_error()) };
+    }
+    let n = n as usize;
+    // SAFETY: writes `n` initialised bytes from our buffer to a pipe descriptor we own.
+    let w = unsafe { libc::write(pipe_w, buf.as_ptr().cast(), n) };
+    // The pipe is empty here (each chunk is drained before the next is read) and at least
+    // 64 KiB, and writes of at most PIPE_BUF bytes are all-or-nothing: anything else is a bug
+    // worth ending the tunnel over rather than a loss of bytes.
+    if w != n as isize {
+        return Err(if w < 0 { io::Error::last_os_error() } else { io::Error::other("short write into an empty pipe") });
+    }
+    Ok(n)
+}
+
 /// Relays between two TCP sockets until the tunnel ends. The caller must close both sockets
 /// as soon as this returns: the direction that ends last leaves its FIN to that close.
 pub async fn relay_tcp<FU: Flow, FD: Flow>(
@@ -141,7 +180,7 @@ async fn pump<F: Flow>(
     let (pipe_r, pipe_w) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
     loop {
         let want = flow.max_chunk().map_or(PIPE_CHUNK, |c| c.clamp(1, PIPE_CHUNK));
-        let n = match src.async_io(Interest::READABLE, || splice(src_fd, pipe_w, want)).await {
+        let n = match src.async_io(Interest::READABLE, || splice_in(src_fd, pipe_w, want)).await {
             Ok(n) => n,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 return copy_to_end(src, dst, flow, activity, ended).await;

@@ -210,3 +210,55 @@ async fn real_curl_through_to_a_tls_origin() {
     assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello through veilgate");
 }
+
+/// Sends `byte` as TCP urgent data (`MSG_OOB`), waiting for room in the send buffer.
+async fn send_urgent(s: &tokio::net::TcpStream, byte: u8) {
+    loop {
+        bounded(s.writable()).await.unwrap();
+        match s.try_io(tokio::io::Interest::WRITABLE, || socket2::SockRef::from(s).send_out_of_band(&[byte])) {
+            Ok(1) => return,
+            Ok(n) => panic!("urgent send wrote {n} bytes"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => panic!("urgent send: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn urgent_data_in_a_bulk_direction_passes_as_ordinary_bytes() {
+    // Linux stops splice(2) at the TCP urgent mark, and a relay that only splices would stall
+    // there (or take the FIN behind it for the end of the stream). Each side sends 64 KiB, so
+    // both directions are bulk, then one urgent byte and a tail: every byte must arrive, in
+    // order, as ordinary data (the urgent flag is a property of one TCP hop, not of the bytes).
+    const BULK: usize = 64 * 1024;
+    let origin = Origin::spawn(|mut s| async move {
+        let mut got = vec![0u8; BULK + 8];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..BULK], &pattern(BULK, 21)[..], "bulk bytes up");
+        assert_eq!(&got[BULK..], b"!up-tail", "urgent byte and tail up");
+        s.write_all(&pattern(BULK, 22)).await.unwrap();
+        send_urgent(&s, b'!').await;
+        s.write_all(b"down-tail").await.unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    })
+    .await;
+    let proxy = TestProxy::start(&loopback_policy(&[origin.port()])).await;
+    let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
+    assert_eq!(head.status, 200, "{}", head.text);
+    s.write_all(&pattern(BULK, 21)).await.unwrap();
+    send_urgent(&s, b'!').await;
+    s.write_all(b"up-tail").await.unwrap();
+    let mut got = vec![0u8; BULK + 10];
+    bounded(s.read_exact(&mut got)).await.unwrap();
+    assert_eq!(&got[..BULK], &pattern(BULK, 22)[..], "bulk bytes down");
+    assert_eq!(&got[BULK..], b"!down-tail", "urgent byte and tail down");
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    bounded(s.read_to_end(&mut rest)).await.unwrap();
+    assert!(rest.is_empty(), "nothing after the tail");
+    for (direction, want) in [("up", BULK + 8), ("down", BULK + 10)] {
+        let series = format!("veilgate_tunnel_bytes_total{{mode=\"tunnel\",direction=\"{direction}\"}}");
+        assert_eq!(proxy.metric(&series).await, want as f64, "{direction}");
+    }
+}
