@@ -238,8 +238,9 @@ fn connect_refusal(e: Option<&io::Error>) -> Refusal {
 
 /// TCP_NODELAY (a tunnel carries interactive protocols; the endpoints batch for themselves)
 /// and keepalive (so a vanished peer does not pin a tunnel for ever).
-/// Urgent data is kept inline: splice(2) stops at an urgent mark, which would stall a
-/// direction; inline, it is just another byte relayed as sent.
+/// Urgent data is kept inline (SO_OOBINLINE): a blind tunnel relays the urgent byte as one
+/// more byte of the stream, where it was sent, instead of losing it to an out-of-band read;
+/// the splice relay depends on this to step over the urgent mark (see `splice::splice_in`).
 pub fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(stream);
