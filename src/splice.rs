@@ -77,21 +77,25 @@ fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
 
 /// Moves up to `len` bytes from the socket `src` into the empty pipe `pipe_w`.
 ///
-/// splice(2) from TCP stops at the urgent mark and says EAGAIN there for as long as the mark
-/// is unread (the kernel's `tcp_read_sock` will not step over it), while epoll has already
-/// reported the socket readable: a bulk direction would wait for an event that never comes,
-/// or take a later FIN for the end of the stream. An ordinary read goes past the mark, and
-/// SO_OOBINLINE (set on both sockets) keeps the urgent byte in the stream, so on EAGAIN one
-/// read is tried and what it returns is written into the pipe. On a drained socket that read
-/// says EAGAIN too; it costs one system call per wait, not per byte.
+/// splice(2) from TCP stops at the urgent mark (the kernel's `tcp_read_sock` will not step
+/// over it) and, with nothing moved, says EAGAIN there for as long as the mark is unread,
+/// while epoll has already reported the socket readable: a bulk direction would wait for an
+/// event that never comes. If the peer's FIN is already queued behind the mark, it says 0
+/// instead, and the bytes from the mark on would be lost. An ordinary read goes past the
+/// mark, and SO_OOBINLINE (set on both sockets) keeps the urgent byte in the stream, so on
+/// EAGAIN or 0 one read is tried and what it returns is written into the pipe. On a drained
+/// socket that read says EAGAIN too, and at a true end of stream 0: it costs one system call
+/// per wait and one per direction at the end, not one per byte.
 fn splice_in(src: i32, pipe_w: i32, len: usize) -> io::Result<usize> {
     match splice(src, pipe_w, len) {
+        Ok(0) => read_into_pipe(src, pipe_w, len),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => read_into_pipe(src, pipe_w, len),
         r => r,
     }
 }
 
-/// Bytes read past an urgent mark at once: at most what an empty pipe takes atomically.
+/// Bytes read past an urgent mark at once: at most PIPE_BUF (4,096), which a pipe takes
+/// whole or not at all, and the pipe is empty here and at least 64 KiB.
 const PAST_MARK: usize = 512;
 
 fn read_into_pipe(src: i32, pipe_w: i32, len: usize) -> io::Result<usize> {
@@ -109,7 +113,10 @@ fn read_into_pipe(src: i32, pipe_w: i32, len: usize) -> io::Result<usize> {
     // 64 KiB, and writes of at most PIPE_BUF bytes are all-or-nothing: anything else is a bug
     // worth ending the tunnel over rather than a loss of bytes.
     if w != n as isize {
-        return Err(if w < 0 { io::Error::last_os_error() } else { io::Error::other("short write into an empty pipe") });
+        // Never WouldBlock (the caller would wait and the bytes already read would be gone)
+        // nor EINVAL (taken as "splice unsupported"): this ends the tunnel.
+        let why = if w < 0 { io::Error::last_os_error().to_string() } else { format!("{w} of {n} bytes") };
+        return Err(io::Error::other(format!("write into an empty pipe failed: {why}")));
     }
     Ok(n)
 }

@@ -262,3 +262,43 @@ async fn urgent_data_in_a_bulk_direction_passes_as_ordinary_bytes() {
         assert_eq!(proxy.metric(&series).await, want as f64, "{direction}");
     }
 }
+
+#[tokio::test]
+async fn urgent_data_followed_by_the_end_of_the_stream_is_not_cut_off() {
+    // When the relay reaches the urgent mark with the sender's FIN already queued behind it,
+    // splice(2) says 0 (end of stream) rather than EAGAIN. A per-client bandwidth cap keeps
+    // the relay behind the client, so the bulk, the urgent byte, the tail and the FIN are all
+    // queued before it gets to the mark.
+    const BULK: usize = 512 * 1024;
+    let got = Arc::new(Mutex::new(None::<Vec<u8>>));
+    let g = Arc::clone(&got);
+    let origin = Origin::spawn(move |mut s| {
+        let g = Arc::clone(&g);
+        async move {
+            let mut all = Vec::new();
+            let _ = s.read_to_end(&mut all).await;
+            *g.lock().unwrap() = Some(all);
+        }
+    })
+    .await;
+    let toml = format!("[limits.per_client]\nbandwidth_up = \"8 MiB/s\"\n{}", loopback_policy(&[origin.port()]));
+    let proxy = TestProxy::start(&toml).await;
+    let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
+    assert_eq!(head.status, 200, "{}", head.text);
+    s.write_all(&pattern(BULK, 31)).await.unwrap();
+    send_urgent(&s, b'!').await;
+    s.write_all(b"tail").await.unwrap();
+    s.shutdown().await.unwrap();
+    let all = bounded(async {
+        loop {
+            if let Some(all) = got.lock().unwrap().take() {
+                return all;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(all.len(), BULK + 5, "every byte up to the FIN arrived");
+    assert_eq!(&all[..BULK], &pattern(BULK, 31)[..]);
+    assert_eq!(&all[BULK..], b"!tail");
+}
