@@ -50,15 +50,7 @@ async fn exact_bytes_both_ways() {
     bounded(writer).await.unwrap();
     assert_eq!(got.len(), EIGHT_MIB);
     assert_eq!(Sha256::digest(&got), Sha256::digest(&*down_data), "downstream bytes differ");
-    let origin_hash = bounded(async {
-        loop {
-            if let Some(h) = up_hash.lock().unwrap().clone() {
-                return h;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let origin_hash = filled(&up_hash).await;
     assert_eq!(origin_hash, Sha256::digest(&up_data).to_vec(), "upstream bytes differ");
     assert_eq!(proxy.metric("veilgate_tunnel_bytes_total{mode=\"tunnel\",direction=\"up\"}").await, EIGHT_MIB as f64);
 }
@@ -134,17 +126,7 @@ async fn ipv6_literal_target() {
 #[tokio::test]
 async fn origin_sees_the_proxy_and_nothing_of_the_head() {
     // The origin records every byte it receives; only the payload may arrive.
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let rec = Arc::clone(&received);
-    let origin = Origin::spawn(move |mut s| {
-        let rec = Arc::clone(&rec);
-        async move {
-            let mut got = Vec::new();
-            let _ = s.read_to_end(&mut got).await;
-            rec.lock().unwrap().extend_from_slice(&got);
-        }
-    })
-    .await;
+    let (origin, received) = Origin::recording().await;
     let proxy = TestProxy::start(&loopback_policy(&[origin.port()])).await;
     let client_ip: IpAddr = "127.0.0.5".parse().unwrap();
     let mut s = dial_proxy(proxy.addr, Some(client_ip)).await;
@@ -159,13 +141,7 @@ async fn origin_sees_the_proxy_and_nothing_of_the_head() {
     s.shutdown().await.unwrap();
     let mut rest = Vec::new();
     bounded(s.read_to_end(&mut rest)).await.unwrap();
-    bounded(async {
-        while received.lock().unwrap().len() < 12 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert_eq!(received.lock().unwrap().as_slice(), b"payload only");
+    assert_eq!(filled(&received).await, b"payload only");
     let peers = origin.peers.lock().unwrap().clone();
     assert_eq!(peers.len(), 1);
     assert_ne!(peers[0].ip(), client_ip, "the origin must not see the client's address");
@@ -270,17 +246,7 @@ async fn urgent_data_followed_by_the_end_of_the_stream_is_not_cut_off() {
     // the relay behind the client, so the bulk, the urgent byte, the tail and the FIN are all
     // queued before it gets to the mark.
     const BULK: usize = 512 * 1024;
-    let got = Arc::new(Mutex::new(None::<Vec<u8>>));
-    let g = Arc::clone(&got);
-    let origin = Origin::spawn(move |mut s| {
-        let g = Arc::clone(&g);
-        async move {
-            let mut all = Vec::new();
-            let _ = s.read_to_end(&mut all).await;
-            *g.lock().unwrap() = Some(all);
-        }
-    })
-    .await;
+    let (origin, got) = Origin::recording().await;
     let toml = format!("[limits.per_client]\nbandwidth_up = \"8 MiB/s\"\n{}", loopback_policy(&[origin.port()]));
     let proxy = TestProxy::start(&toml).await;
     let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
@@ -289,15 +255,7 @@ async fn urgent_data_followed_by_the_end_of_the_stream_is_not_cut_off() {
     send_urgent(&s, b'!').await;
     s.write_all(b"tail").await.unwrap();
     s.shutdown().await.unwrap();
-    let all = bounded(async {
-        loop {
-            if let Some(all) = got.lock().unwrap().take() {
-                return all;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let all = filled(&got).await;
     assert_eq!(all.len(), BULK + 5, "every byte up to the FIN arrived");
     assert_eq!(&all[..BULK], &pattern(BULK, 31)[..]);
     assert_eq!(&all[BULK..], b"!tail");

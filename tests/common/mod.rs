@@ -152,6 +152,23 @@ impl Origin {
         .await
     }
 
+    /// An origin that reads each connection to its end and leaves what it got in the slot
+    /// (see [`filled`]).
+    pub async fn recording() -> (Origin, Arc<Mutex<Option<Vec<u8>>>>) {
+        let slot = Arc::new(Mutex::new(None));
+        let s2 = Arc::clone(&slot);
+        let origin = Origin::spawn(move |mut s| {
+            let slot = Arc::clone(&s2);
+            async move {
+                let mut all = Vec::new();
+                let _ = s.read_to_end(&mut all).await;
+                *slot.lock().unwrap() = Some(all);
+            }
+        })
+        .await;
+        (origin, slot)
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
@@ -165,6 +182,19 @@ impl Drop for Origin {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// What an origin handler left in `slot`, once it has (within the test step bound).
+pub async fn filled<T>(slot: &Mutex<Option<T>>) -> T {
+    bounded(async {
+        loop {
+            if let Some(v) = slot.lock().unwrap().take() {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
 }
 
 /// A reply head read byte by byte, so nothing after it is consumed.
