@@ -88,10 +88,11 @@ fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
 /// per wait and one per direction at the end, not one per byte.
 fn splice_in(src: i32, pipe_w: i32, len: usize) -> io::Result<usize> {
     match splice(src, pipe_w, len) {
-        Ok(0) => read_into_pipe(src, pipe_w, len),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => read_into_pipe(src, pipe_w, len),
-        r => r,
+        Ok(0) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        moved => return moved,
     }
+    read_into_pipe(src, pipe_w, len)
 }
 
 /// Bytes read past an urgent mark at once: at most PIPE_BUF (4,096), which a pipe takes
