@@ -3,8 +3,10 @@
 //! Parsing is strict because the target decides policy: anything ambiguous is refused with
 //! 400 rather than guessed at. Host names are normalised (lower case, no trailing dot), and
 //! every spelling a resolver would read as an IPv4 address (`127.1`, `2130706433`,
-//! `0x7f000001`, `0177.0.0.1`) becomes that address here, so policy sees what the socket
-//! would reach.
+//! `0x7f000001`, `0177.0.0.1`) becomes that address here, and so does an IPv4-mapped IPv6
+//! literal (`[::ffff:127.0.0.1]`, `[::ffff:7f00:1]`): the dialler connects to the mapped
+//! IPv4 address, so host patterns, routes and CIDR rules must see that same address, or a
+//! second spelling of one origin would escape every rule written for the first.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -61,7 +63,7 @@ impl Target {
                 TargetError::BadHost
             })?;
             let ip: Ipv6Addr = inside.parse().map_err(|_| TargetError::BadHost)?;
-            (Host::Ip(IpAddr::V6(ip)), port)
+            (Host::Ip(IpAddr::V6(ip).to_canonical()), port)
         } else {
             let (host, port) = authority.rsplit_once(':').ok_or(TargetError::MissingPort)?;
             if host.contains(':') || host.contains('[') || host.contains(']') {
@@ -195,7 +197,7 @@ mod tests {
         assert_eq!(t.host, Host::Name("example.com".into()));
         assert_eq!(t.port, 443);
         assert_eq!(Target::parse("[::1]:8443").unwrap().host, ip("::1"));
-        assert_eq!(Target::parse("[::ffff:127.0.0.1]:443").unwrap().host, ip("::ffff:127.0.0.1"));
+        assert_eq!(Target::parse("[::ffff:127.0.0.1]:443").unwrap().host, ip("127.0.0.1"));
         assert_eq!(Target::parse("localhost:443").unwrap().to_string(), "localhost:443");
         assert_eq!(Target::parse("[::1]:443").unwrap().to_string(), "[::1]:443");
     }
@@ -207,6 +209,18 @@ mod tests {
         }
         assert_eq!(Target::parse("0.0.0.0:443").unwrap().host, ip("0.0.0.0"));
         assert_eq!(Target::parse("0:443").unwrap().host, ip("0.0.0.0"));
+    }
+
+    #[test]
+    fn ipv4_mapped_literals_are_the_ipv4_address() {
+        for s in ["[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[0:0:0:0:0:ffff:7f00:1]", "[::FFFF:127.0.0.1]"] {
+            let t = Target::parse(&format!("{s}:443")).unwrap();
+            assert_eq!(t.host, ip("127.0.0.1"), "{s}");
+            assert_eq!(t.to_string(), "127.0.0.1:443", "{s}");
+        }
+        // Other IPv6 forms that embed an IPv4 address are different addresses (they reach a
+        // translator, not the IPv4 host); policy judges them by what they embed (acl.rs).
+        assert_eq!(Target::parse("[::ffff:0:7f00:1]:443").unwrap().host, ip("::ffff:0:7f00:1"));
     }
 
     #[test]

@@ -58,9 +58,23 @@ impl Acl {
     }
 
     /// Post-DNS: one resolved (or literal) address.
+    ///
+    /// An unspecified address (`0.0.0.0/8`, `::`) is refused whatever the rest says: Linux
+    /// takes a connect to it as a connect to this host, so it would reach the proxy's own
+    /// listeners (and the admin port) under a name no own-address rule lists. An IPv6 address
+    /// that embeds an IPv4 one (NAT64, SIIT, 6to4, IPv4-compatible) is judged by CIDR rules
+    /// as itself and as the IPv4 address it carries, because a translator on the path
+    /// delivers it there.
     pub fn check_addr(&self, addr: SocketAddr) -> Result<(), Refusal> {
         let ip = addr.ip().to_canonical();
-        let listed = |nets: &[IpNet]| nets.iter().any(|n| n.contains(&ip) || n.contains(&addr.ip()));
+        let embedded = match ip {
+            IpAddr::V4(_) => None,
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+        };
+        if is_unspecified(ip) || embedded.is_some_and(is_unspecified) {
+            return Err(Refusal::AddressDenied);
+        }
+        let listed = |nets: &[IpNet]| nets.iter().any(|n| n.contains(&ip) || embedded.is_some_and(|e| n.contains(&e)));
         if listed(&self.deny_cidrs) {
             return Err(Refusal::AddressDenied);
         }
@@ -113,23 +127,51 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 }
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let s = ip.segments();
-    let embedded_v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
     if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
         return false;
     }
+    let s = ip.segments();
+    if s[0..4] == [0; 4] {
+        // ::/64 holds no global unicast: IPv4-compatible (::a.b.c.d, deprecated), SIIT's
+        // IPv4-translated (::ffff:0:a.b.c.d) and whatever else is unassigned there.
+        return false;
+    }
+    if let Some(v4) = embedded_v4(ip) {
+        return is_public_v4(v4);
+    }
     match s[0] {
-        0 if s[1..6] == [0; 5] => false, // IPv4-compatible ::a.b.c.d (deprecated)
-        0x64 if s[1] == 0xff9b && s[2..6] == [0; 4] => is_public_v4(embedded_v4(s[6], s[7])), // NAT64
         0x64 if s[1] == 0xff9b && s[2] == 1 => false, // local-use NAT64 64:ff9b:1::/48
-        0x100 if s[1..4] == [0; 3] => false, // discard-only 100::/64
-        0x2001 if s[1] == 0 => false,    // Teredo (embeds an obfuscated IPv4)
-        0x2001 if s[1] == 0xdb8 => false, // documentation
-        0x2002 => is_public_v4(embedded_v4(s[1], s[2])), // 6to4
-        x if x & 0xfe00 == 0xfc00 => false, // ULA fc00::/7
-        x if x & 0xffc0 == 0xfe80 => false, // link-local fe80::/10
-        x if x & 0xffc0 == 0xfec0 => false, // site-local fec0::/10 (deprecated)
+        0x100 if s[1..4] == [0; 3] => false,          // discard-only 100::/64
+        0x2001 if s[1] == 0 => false,                 // Teredo (embeds an obfuscated IPv4)
+        0x2001 if s[1] == 0xdb8 => false,             // documentation
+        x if x & 0xfe00 == 0xfc00 => false,           // ULA fc00::/7
+        x if x & 0xffc0 == 0xfe80 => false,           // link-local fe80::/10
+        x if x & 0xffc0 == 0xfec0 => false,           // site-local fec0::/10 (deprecated)
         _ => true,
+    }
+}
+
+/// The IPv4 address an IPv6 address carries in a standard place: IPv4-mapped
+/// (`::ffff:0:0/96`), SIIT IPv4-translated (`::ffff:0:0:0/96`), IPv4-compatible (`::/96`,
+/// deprecated), the NAT64 well-known prefix (`64:ff9b::/96`) and 6to4 (`2002::/16`).
+pub fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    match s {
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] | [0, 0, 0, 0, 0xffff, 0, hi, lo] => Some(v4(hi, lo)),
+        // `::` and `::1` are IPv6's own unspecified and loopback addresses, not compatible forms.
+        [0, 0, 0, 0, 0, 0, hi, lo] if (hi, lo) != (0, 0) && (hi, lo) != (0, 1) => Some(v4(hi, lo)),
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+        [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
+        _ => None,
+    }
+}
+
+/// `0.0.0.0/8` ("this network") and `::`: never a destination, always this host to Linux.
+fn is_unspecified(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[0] == 0,
+        IpAddr::V6(v6) => v6.is_unspecified(),
     }
 }
 
@@ -170,6 +212,10 @@ mod tests {
             "2001::1",
             "2001:db8::1",
             "64:ff9b:1::1",
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:10.0.0.1",
+            "::ffff:0:8.8.8.8",
+            "::8.8.8.8",
         ] {
             assert!(!is_public(s.parse().unwrap()), "{s} should not be public");
         }
@@ -198,6 +244,34 @@ mod tests {
         assert_eq!(a.check_addr("127.0.0.2:9000".parse().unwrap()), Err(Refusal::AddressDenied));
         assert_eq!(a.check_addr("[::ffff:127.0.0.1]:8080".parse().unwrap()), Err(Refusal::AddressDenied));
         assert_eq!(a.check_addr("127.0.0.1:8081".parse().unwrap()), Ok(()));
+    }
+
+    #[test]
+    fn unspecified_targets_are_never_dialled() {
+        let open = acl(PolicyConfig {
+            deny_private: false,
+            allow_cidrs: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+            ..PolicyConfig::default()
+        });
+        for s in ["0.0.0.0:9090", "0.1.2.3:443", "[::]:9090", "[::ffff:0.0.0.0]:9090", "[::ffff:0:0.0.0.0]:1"] {
+            assert_eq!(open.check_addr(s.parse().unwrap()), Err(Refusal::AddressDenied), "{s}");
+        }
+    }
+
+    #[test]
+    fn embedded_ipv4_meets_the_cidr_rules() {
+        let a = acl(PolicyConfig {
+            deny_private: false,
+            deny_cidrs: vec!["127.0.0.0/8".parse().unwrap()],
+            ..PolicyConfig::default()
+        });
+        for s in ["[::ffff:0:7f00:1]:443", "[64:ff9b::7f00:1]:443", "[2002:7f00:1::1]:443", "[::7f00:1]:443"] {
+            assert_eq!(a.check_addr(s.parse().unwrap()), Err(Refusal::AddressDenied), "{s}");
+        }
+        assert_eq!(a.check_addr("[64:ff9b::808:808]:443".parse().unwrap()), Ok(()));
+        let only = acl(PolicyConfig { allow_cidrs: vec!["8.8.8.0/24".parse().unwrap()], ..PolicyConfig::default() });
+        assert_eq!(only.check_addr("[64:ff9b::808:808]:443".parse().unwrap()), Ok(()), "judged as what it carries");
+        assert_eq!(only.check_addr("[64:ff9b::909:909]:443".parse().unwrap()), Err(Refusal::AddressDenied));
     }
 
     #[test]

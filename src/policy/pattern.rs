@@ -48,7 +48,7 @@ impl HostPattern {
         // An address is matched in the canonical form targets are normalised to, so
         // "127.1", "0x7f000001" or "0:0:0:0:0:0:0:1" mean what they say.
         if let Ok(ip) = name.parse::<std::net::Ipv6Addr>() {
-            return Ok(HostPattern::Exact(ip.to_string()));
+            return Ok(HostPattern::Exact(std::net::IpAddr::V6(ip).to_canonical().to_string()));
         }
         if let Ok(crate::target::Target { host: crate::target::Host::Ip(ip), .. }) =
             crate::target::Target::parse(&format!("{name}:1"))
