@@ -48,6 +48,13 @@ pub enum Refusal {
     /// Global tunnel cap (503).
     #[error("proxy at its tunnel capacity")]
     GlobalCap,
+    /// `server.max_pending` connections are in their head phase already (503).
+    #[error("proxy at its capacity for unfinished requests")]
+    PendingCap,
+    /// This client holds too many unfinished heads: its share of `max_pending` at accept, or
+    /// `max_pending_per_client` heads past `head_grace` (429).
+    #[error("too many unfinished requests from this client")]
+    ClientPendingCap,
     /// The name does not resolve, or the lookup failed (502).
     #[error("name does not resolve")]
     DnsFailed,
@@ -61,7 +68,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every metric label, so counters can be registered (at zero) before the first refusal.
-    pub const REASONS: [&'static str; 16] = [
+    pub const REASONS: [&'static str; 18] = [
         "bad_request",
         "method_not_allowed",
         "auth_required",
@@ -75,6 +82,8 @@ impl Refusal {
         "route_cap",
         "client_rate",
         "global_cap",
+        "pending_cap",
+        "client_pending_cap",
         "dns_failed",
         "upstream_failed",
         "upstream_timeout",
@@ -89,8 +98,8 @@ impl Refusal {
             Refusal::HeaderTimeout => 408,
             Refusal::HeaderTooLarge => 431,
             Refusal::PortDenied | Refusal::HostDenied | Refusal::AddressDenied | Refusal::RouteDenied => 403,
-            Refusal::ClientCap | Refusal::RouteCap | Refusal::ClientRate { .. } => 429,
-            Refusal::GlobalCap => 503,
+            Refusal::ClientCap | Refusal::RouteCap | Refusal::ClientRate { .. } | Refusal::ClientPendingCap => 429,
+            Refusal::GlobalCap | Refusal::PendingCap => 503,
             Refusal::DnsFailed | Refusal::UpstreamFailed => 502,
             Refusal::UpstreamTimeout => 504,
         }
@@ -112,6 +121,8 @@ impl Refusal {
             Refusal::RouteCap => "route_cap",
             Refusal::ClientRate { .. } => "client_rate",
             Refusal::GlobalCap => "global_cap",
+            Refusal::PendingCap => "pending_cap",
+            Refusal::ClientPendingCap => "client_pending_cap",
             Refusal::DnsFailed => "dns_failed",
             Refusal::UpstreamFailed => "upstream_failed",
             Refusal::UpstreamTimeout => "upstream_timeout",
@@ -139,6 +150,8 @@ mod tests {
             Refusal::RouteCap,
             Refusal::ClientRate { retry_after: Duration::from_secs(1) },
             Refusal::GlobalCap,
+            Refusal::PendingCap,
+            Refusal::ClientPendingCap,
             Refusal::DnsFailed,
             Refusal::UpstreamFailed,
             Refusal::UpstreamTimeout,

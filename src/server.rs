@@ -171,6 +171,11 @@ impl Controller {
         self.ctx.governor.active_for(&self.ctx.governor.key_for(ip))
     }
 
+    /// Connections still in their head phase.
+    pub fn pending_heads(&self) -> u32 {
+        self.ctx.pending.count()
+    }
+
     /// Tracked per-client keys (client states, rate-limiter keys) after a sweep.
     pub fn sweep(&self) -> (usize, usize) {
         self.ctx.governor.sweep()
@@ -193,8 +198,8 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Context>,
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 ctx.metrics.accepted(addr);
-                let server = &ctx.shared().config.server;
-                match ctx.pending.enter(peer.ip(), server.max_pending, server.max_pending_per_client) {
+                let max_pending = ctx.shared().config.server.max_pending;
+                match ctx.pending.enter(ctx.governor.key_for(peer.ip()), max_pending) {
                     Ok(permit) => spawn_tunnel(&tracker, Arc::clone(&ctx), stream, peer, permit),
                     Err(why) => turn_away(&ctx, &stream, why),
                 }
@@ -225,8 +230,8 @@ fn spawn_tunnel(tracker: &TaskTracker, ctx: Arc<Context>, stream: TcpStream, pee
 /// flood takes and a log line per connection would be its amplifier.
 fn turn_away(ctx: &Context, stream: &TcpStream, why: PendingRefusal) {
     let refusal = match why {
-        PendingRefusal::Global => Refusal::GlobalCap,
-        PendingRefusal::Client => Refusal::ClientCap,
+        PendingRefusal::Global => Refusal::PendingCap,
+        PendingRefusal::ClientShare | PendingRefusal::ClientLate => Refusal::ClientPendingCap,
     };
     let _ = stream.try_write(&reply::refusal(&refusal, None));
     ctx.metrics.refused(&refusal);

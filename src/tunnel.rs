@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::config::{ClientAddressLog, Mode};
+use crate::config::{ClientAddressLog, Mode, ServerConfig};
 use crate::connect::{self, ConnectRequest, HeadError};
 use crate::context::{Context, Shared};
 use crate::error::Refusal;
@@ -44,7 +44,7 @@ impl Tunnel {
         let shared = ctx.shared();
         let server = &shared.config.server;
         let head = tokio::select! {
-            head = connect::read_head(&mut self.client, server.max_header_bytes, server.header_timeout.0) => head,
+            head = self.read_head(server) => head,
             // Draining: a client that has not finished its head has been promised nothing.
             () = ctx.draining.cancelled() => return,
         };
@@ -110,6 +110,22 @@ impl Tunnel {
                 report.relay_tcp(client, upstream.stream, req.leftover, admission, idle).await;
             }
         }
+    }
+
+    /// Reads the CONNECT head. A head still incomplete after the grace is late and counts
+    /// against the client's bound of late heads (see `limits::pending`), which refuses it when
+    /// the client is at that bound. The grace timer is never registered when the head is
+    /// already there on the first read, which is the common case.
+    async fn read_head(&mut self, server: &ServerConfig) -> Result<ConnectRequest, HeadError> {
+        let read = connect::read_head(&mut self.client, server.max_header_bytes, server.header_timeout.0);
+        tokio::pin!(read);
+        if let Ok(head) = tokio::time::timeout(server.late_head_after(), &mut read).await {
+            return head;
+        }
+        if let Some(pending) = self.pending.as_mut() {
+            pending.late(server.max_pending_per_client).map_err(|_| HeadError::Refuse(Refusal::ClientPendingCap))?;
+        }
+        read.await
     }
 
     /// Answers a refusal, counts it and logs it once.

@@ -97,10 +97,23 @@ pub struct ServerConfig {
     /// On SIGTERM, how long running tunnels may finish before they are closed.
     pub drain_timeout: HumanDuration,
     /// Connections still sending their CONNECT head, all clients together; past it new
-    /// connections get 503 at once.
+    /// connections get 503 at once. One client may hold at most half of them.
     pub max_pending: u32,
-    /// The same per client address; past it, 429.
+    /// Heads of one client (address, or IPv6 prefix) still incomplete after `head_grace`;
+    /// past it the next late head gets 429. Heads that complete in time never count, so a
+    /// burst of fast clients behind one NAT is not mistaken for a slowloris.
     pub max_pending_per_client: u32,
+    /// How long a head may take before it counts as late (slowloris guard); at most half of
+    /// `header_timeout` takes effect (see [`ServerConfig::late_head_after`]).
+    pub head_grace: HumanDuration,
+}
+
+impl ServerConfig {
+    /// When a head becomes late: `head_grace`, but never past half of `header_timeout`, so a
+    /// short header timeout (set on its own) still leaves the per-client bound room to act.
+    pub fn late_head_after(&self) -> Duration {
+        self.head_grace.0.min(self.header_timeout.0 / 2)
+    }
 }
 
 impl Default for ServerConfig {
@@ -115,6 +128,7 @@ impl Default for ServerConfig {
             drain_timeout: HumanDuration(Duration::from_secs(30)),
             max_pending: 10_000,
             max_pending_per_client: 64,
+            head_grace: HumanDuration(Duration::from_secs(1)),
         }
     }
 }
@@ -449,6 +463,9 @@ impl Config {
                 "server.max_pending",
                 "max_pending and max_pending_per_client must be at least 1".into(),
             ));
+        }
+        if s.head_grace.0.is_zero() {
+            return Err(invalid("server.head_grace", "must be longer than zero".into()));
         }
         if s.drain_timeout.0 > MAX_TIMEOUT {
             return Err(invalid("server.drain_timeout", "must be at most 30 days".into()));
