@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, AuthError};
 use crate::config::{ClientAddressLog, Config};
-use crate::dial::Resolver;
+use crate::dial::{Dialer, Resolver};
 use crate::limits::Governor;
 use crate::limits::pending::Pending;
 use crate::metrics::Metrics;
@@ -22,10 +22,10 @@ use crate::policy::Acl;
 pub struct Shared {
     /// The configuration in force.
     pub config: Config,
-    /// `[policy]` compiled, with the proxy's own addresses.
-    pub acl: Acl,
-    /// `[dns]`.
-    pub resolver: Resolver,
+    /// `[policy]` compiled, with the proxy's own addresses: the pre-DNS check.
+    pub acl: Arc<Acl>,
+    /// The only way out: `[dns]`, the post-DNS check with the same ACL, `connect_timeout`.
+    pub dialer: Dialer,
     /// `[auth]`, when configured.
     pub auth: Option<Auth>,
     /// `[mitm]`, when configured.
@@ -54,9 +54,10 @@ impl Shared {
             Some(m) => Some(Interceptor::load(m)?),
             None => None,
         };
+        let acl = Arc::new(Acl::new(&config.policy, own.to_vec()));
         Ok(Shared {
-            acl: Acl::new(&config.policy, own.to_vec()),
-            resolver: Resolver::new(&config.dns),
+            dialer: Dialer::new(Resolver::new(&config.dns), Arc::clone(&acl), config.server.connect_timeout.0),
+            acl,
             auth,
             interceptor,
             config,

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 use crate::config::{ClientAddressLog, Mode, ServerConfig};
 use crate::connect::{self, ConnectRequest, HeadError};
 use crate::context::{Context, Shared};
+use crate::dial::{self, Egress};
 use crate::error::Refusal;
 use crate::limits::pending::PendingPermit;
 use crate::limits::{Admission, ClientKey, Direction};
@@ -20,8 +21,8 @@ use crate::meter::{ActiveGuard, Meter};
 use crate::mitm::observe::Observer;
 use crate::policy::route;
 use crate::relay::{self, End};
+use crate::reply;
 use crate::target::Target;
-use crate::{dial, reply};
 
 /// A client connection being served.
 pub struct Tunnel {
@@ -76,9 +77,9 @@ impl Tunnel {
         if let Err(r) = shared.acl.check_target(&req.target) {
             return self.refuse(r, Some(&req)).await;
         }
-        let upstream = match dial::dial(&req.target, &shared.resolver, &shared.acl, server.connect_timeout.0).await {
+        let upstream = match shared.dialer.dial(&req.target, Egress::default()).await {
             Ok(d) => d,
-            Err(r) => return self.refuse(r, Some(&req)).await,
+            Err(e) => return self.refuse(e.refusal(), Some(&req)).await,
         };
         if let Some(bytes) = admission.receive_buffer(Direction::Up) {
             dial::set_receive_buffer(&self.client, bytes);
