@@ -239,7 +239,8 @@ fn next_id() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-fn is_per_connection(e: &io::Error) -> bool {
+/// An accept error that concerns one connection only (the listener needs no back-off).
+pub(crate) fn is_per_connection(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionAborted
