@@ -79,7 +79,8 @@ impl Resolver {
             .await
             .map_err(|_| Refusal::DnsFailed)?
             .map_err(|e| {
-                tracing::debug!(error = %e, "lookup failed");
+                // A string field, so text logs quote it: a resolver's answer can carry names.
+                tracing::debug!(error = e.to_string(), "lookup failed");
                 Refusal::DnsFailed
             })?;
         let addrs: Vec<IpAddr> = lookup.iter().collect();

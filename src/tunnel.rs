@@ -196,7 +196,8 @@ impl Report {
                     client = client_field(self.peer.ip(), ctx.log_client()).as_deref(),
                     target = %self.target,
                     side = e.side(),
-                    error = %e,
+                    // Quoted in text logs: it can carry the client's SNI or the origin's names.
+                    error = e.to_string(),
                     "interception refused"
                 );
                 self.ended(End::TlsFailed, started, 0, 0);
