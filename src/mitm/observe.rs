@@ -187,7 +187,7 @@ impl Side {
             }
             let host = header(req.headers, "host").unwrap_or_default();
             let body = match framing(req.headers) {
-                Some(Body::Close) | None => None,
+                Some(Body::Close | Body::Length(0)) | None => None,
                 other => other,
             };
             let Ok(mut ex) = self.observer.shared.lock() else { return };
@@ -226,10 +226,12 @@ impl Side {
                 self.phase = Phase::Head(Vec::new());
                 return;
             }
+            // An empty body ends with its head; waiting for a byte that never comes would
+            // record the last exchange of a tunnel without its status.
             let body = if head_request || status == 204 || status == 304 {
                 None
             } else {
-                Some(framing(resp.headers).unwrap_or(Body::Close))
+                Some(framing(resp.headers).unwrap_or(Body::Close)).filter(|b| *b != Body::Length(0))
             };
             match body {
                 Some(b) => self.phase = Phase::Body(b, 0),
@@ -388,6 +390,15 @@ mod tests {
     fn non_http_turns_observation_off() {
         let o = run(&[b"\x16\x03\x01 binary junk\r\n\r\n"], &[b"whatever"]);
         assert_eq!(o.observed(), 0);
+    }
+
+    #[test]
+    fn an_empty_body_completes_the_exchange_at_its_head() {
+        let o = Observer::new("t:443", false);
+        let (mut u, mut d) = (o.side(true), o.side(false));
+        u.feed(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n");
+        d.feed(b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(o.observed(), 1, "recorded with its status, not at the tunnel's end without one");
     }
 
     /// Collects what a subscriber writes.
