@@ -10,8 +10,10 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Auth, AuthError};
 use crate::config::{ClientAddressLog, Config};
 use crate::dial::{Dialer, Resolver};
+use crate::error::Refusal;
 use crate::limits::Governor;
 use crate::limits::pending::Pending;
+use crate::logthrottle::{LogThrottle, REFUSAL_LINES_PER_SECOND};
 use crate::metrics::Metrics;
 use crate::mitm::Interceptor;
 use crate::mitm::ca::CaError;
@@ -75,6 +77,8 @@ pub struct Context {
     pub pending: Pending,
     /// This proxy's own metrics registry.
     pub metrics: Metrics,
+    /// The budget of refusal log lines, per reason.
+    pub refusal_log: LogThrottle,
     /// Cancelled when the drain begins: stop accepting, close connections still in their head.
     pub draining: CancellationToken,
     /// Cancelled when the drain deadline passes: close every tunnel.
@@ -90,6 +94,7 @@ impl Context {
             governor: Governor::new(&shared.config),
             pending: Pending::default(),
             metrics,
+            refusal_log: LogThrottle::new(&Refusal::REASONS, REFUSAL_LINES_PER_SECOND),
             shared: ArcSwap::from_pointee(shared),
             own,
             draining: CancellationToken::new(),

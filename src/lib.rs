@@ -17,6 +17,7 @@
 //!   [`probe`]: the interception self-check.
 //! - [`meter`]: the throttle and counters wrapped around each relay direction.
 //! - [`metrics`], [`admin`]: Prometheus registry and the admin listener.
+//! - [`logthrottle`]: the rate limit on refusal log lines.
 //! - [`config`], [`cli`], [`context`], [`error`], [`reply`]: the rest.
 #![warn(missing_docs)]
 
@@ -30,6 +31,7 @@ pub mod dial;
 pub mod error;
 pub mod io;
 pub mod limits;
+pub mod logthrottle;
 pub mod meter;
 pub mod metrics;
 pub mod mitm;

@@ -44,6 +44,8 @@ pub struct Metrics {
     /// Accepts that failed for want of a resource (EMFILE, ENFILE, ENOBUFS): the listener
     /// backs off and keeps serving, and this says it had to.
     pub accept_errors: Counter,
+    /// Admin connections over the admin listener's bounds, closed at once.
+    pub admin_refused: Counter,
     /// MITM leaf certificates minted.
     pub mitm_certs_minted: Counter,
     /// MITM leaf certificates served from the cache.
@@ -168,6 +170,11 @@ impl Metrics {
             accept_errors: r.counter(
                 "veilgate_accept_errors_total",
                 "Accepts that failed for want of a resource (descriptors, buffers); the listener backs off.",
+                &[],
+            ),
+            admin_refused: r.counter(
+                "veilgate_admin_connections_refused_total",
+                "Admin connections closed at once because the admin listener held its most, in all or for that client.",
                 &[],
             ),
             mitm_certs_minted: r.counter(

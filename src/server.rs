@@ -122,6 +122,17 @@ impl Proxy {
                 }
             })
         };
+        // Summaries of refusal lines left out, once a flood of them has stopped.
+        let refusal_log = {
+            let ctx2 = Arc::clone(&ctx);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    ctx2.refusal_log.flush(false);
+                }
+            })
+        };
         let mut accept_loops = Vec::new();
         for (addr, l) in self.listeners {
             info!(%addr, "proxy listener up");
@@ -143,6 +154,8 @@ impl Proxy {
         }
         admin_stop.cancel();
         upkeep.abort();
+        refusal_log.abort();
+        ctx.refusal_log.flush(true);
         drop(sweeper);
         info!("stopped");
     }
@@ -244,7 +257,8 @@ fn next_id() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-fn is_per_connection(e: &io::Error) -> bool {
+/// An accept error that concerns one connection only (the listener needs no back-off).
+pub(crate) fn is_per_connection(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionAborted

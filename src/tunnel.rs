@@ -129,11 +129,14 @@ impl Tunnel {
         read.await
     }
 
-    /// Answers a refusal, counts it and logs it once.
+    /// Answers a refusal, counts it and logs it once (within the refusal log's rate limit).
     async fn refuse(mut self, refusal: Refusal, req: Option<&ConnectRequest>) {
         let shared = self.ctx.shared();
         reply::send_refusal(&mut self.client, &refusal, shared.auth.as_ref().map(|a| a.realm())).await;
         self.ctx.metrics.refused(&refusal);
+        if !self.ctx.refusal_log.allow(refusal.reason()) {
+            return;
+        }
         info!(
             client = client_field(self.peer.ip(), self.ctx.log_client()).as_deref(),
             target = req.map(|r| r.target.to_string()).as_deref(),
@@ -213,7 +216,8 @@ impl Report {
                     client = client_field(self.peer.ip(), ctx.log_client()).as_deref(),
                     target = %self.target,
                     side = e.side(),
-                    error = %e,
+                    // Quoted in text logs: it can carry the client's SNI or the origin's names.
+                    error = e.to_string(),
                     "interception refused"
                 );
                 self.ended(End::TlsFailed, started, 0, 0);

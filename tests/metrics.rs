@@ -87,3 +87,36 @@ async fn two_proxies_in_one_process_keep_their_own_counters() {
     assert_eq!(a.metric("veilgate_refusals_total{reason=\"method_not_allowed\"}").await, 1.0);
     assert_eq!(b.metric("veilgate_refusals_total{reason=\"method_not_allowed\"}").await, 0.0);
 }
+
+/// Sends `request` to the admin listener and returns every byte of the answer.
+async fn admin_raw(proxy: &TestProxy, request: &str) -> String {
+    let mut s = bounded(tokio::net::TcpStream::connect(proxy.admin.unwrap())).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    bounded(s.read_to_end(&mut out)).await.unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test]
+async fn head_on_the_admin_endpoints_sends_the_get_length_and_no_body() {
+    let proxy = TestProxy::start("").await;
+    let ok = |len: usize| {
+        format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+    };
+    assert_eq!(admin_raw(&proxy, "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await, ok(3));
+    assert_eq!(admin_raw(&proxy, "HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n").await, ok(6));
+    assert_eq!(
+        admin_raw(&proxy, "HEAD /nope HTTP/1.1\r\n\r\n").await,
+        "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\nConnection: close\r\n\r\n"
+    );
+    // Nothing moves between these two requests, so the exposition has the same length.
+    let (_, body) = proxy.admin_get("/metrics").await;
+    let head = admin_raw(&proxy, "HEAD /metrics HTTP/1.1\r\n\r\n").await;
+    let expected = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    assert_eq!(head, expected);
+    // GET still has its body.
+    assert_eq!(admin_raw(&proxy, "GET /healthz HTTP/1.1\r\n\r\n").await, ok(3) + "ok\n");
+}

@@ -177,7 +177,11 @@ async fn trusted_clients_get_a_minted_leaf_and_requests_are_observed() {
     let observed: Vec<&str> = text.lines().filter(|l| l.contains("http exchange")).collect();
     assert_eq!(observed.len(), 2, "{text}");
     assert!(
-        observed[0].contains("method=GET") && observed[0].contains("path=/a") && observed[0].contains("status=200")
+        observed[0].contains("method=\"GET\"")
+            && observed[0].contains("host=\"localhost\"")
+            && observed[0].contains("path=\"/a\"")
+            && observed[0].contains("status=200"),
+        "client-sent values are quoted: {text}"
     );
     assert!(!text.contains("secret"), "query strings are not logged by default");
     assert_eq!(proxy.metric("veilgate_mitm_certs_minted_total").await, 1.0);

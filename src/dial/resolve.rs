@@ -66,7 +66,8 @@ impl Resolver {
             .await
             .map_err(|_| DialError { hop: Hop::Resolve, kind: super::DialErrorKind::Timeout })?
             .map_err(|e| {
-                tracing::debug!(error = %e, "lookup failed");
+                // A string field, so text logs quote it: a resolver's answer can carry names.
+                tracing::debug!(error = e.to_string(), "lookup failed");
                 DialError::no_name()
             })?;
         let addrs: Vec<IpAddr> = lookup.iter().collect();

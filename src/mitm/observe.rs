@@ -76,12 +76,15 @@ impl Observer {
 
     fn record(&self, ex: &mut Exchanges, req: &Request, status: Option<u16>, response_bytes: u64) {
         ex.observed += 1;
+        // Method, Host and path come from the client: recorded as strings, never with `%`,
+        // so the text format quotes and escapes them (JSON escapes by itself) and a value such
+        // as `x status=999` cannot pass for fields of its own. The tunnel's target was parsed.
         info!(
             target: "veilgate::observed",
             tunnel = %self.target,
-            method = %req.method,
-            host = %req.host,
-            path = %req.path,
+            method = req.method.as_str(),
+            host = req.host.as_str(),
+            path = req.path.as_str(),
             status = status,
             request_bytes = req.body,
             response_bytes,
@@ -184,7 +187,7 @@ impl Side {
             }
             let host = header(req.headers, "host").unwrap_or_default();
             let body = match framing(req.headers) {
-                Some(Body::Close) | None => None,
+                Some(Body::Close | Body::Length(0)) | None => None,
                 other => other,
             };
             let Ok(mut ex) = self.observer.shared.lock() else { return };
@@ -223,10 +226,12 @@ impl Side {
                 self.phase = Phase::Head(Vec::new());
                 return;
             }
+            // An empty body ends with its head; waiting for a byte that never comes would
+            // record the last exchange of a tunnel without its status.
             let body = if head_request || status == 204 || status == 304 {
                 None
             } else {
-                Some(framing(resp.headers).unwrap_or(Body::Close))
+                Some(framing(resp.headers).unwrap_or(Body::Close)).filter(|b| *b != Body::Length(0))
             };
             match body {
                 Some(b) => self.phase = Phase::Body(b, 0),
@@ -385,6 +390,99 @@ mod tests {
     fn non_http_turns_observation_off() {
         let o = run(&[b"\x16\x03\x01 binary junk\r\n\r\n"], &[b"whatever"]);
         assert_eq!(o.observed(), 0);
+    }
+
+    #[test]
+    fn an_empty_body_completes_the_exchange_at_its_head() {
+        let o = Observer::new("t:443", false);
+        let (mut u, mut d) = (o.side(true), o.side(false));
+        u.feed(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n");
+        d.feed(b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(o.observed(), 1, "recorded with its status, not at the tunnel's end without one");
+    }
+
+    /// Collects what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// One exchange recorded through the binary's formatter (text or JSON, as main.rs sets it up).
+    fn logged(json: bool, request: &[u8]) -> String {
+        let out = Capture::default();
+        let w = out.clone();
+        let builder = tracing_subscriber::fmt().with_writer(move || w.clone()).with_target(false).with_ansi(false);
+        let exchange = || {
+            let o = run(&[request], &[b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]);
+            assert_eq!(o.observed(), 1, "the exchange was recorded");
+        };
+        if json {
+            tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), exchange);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), exchange);
+        }
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// The `key=value` fields of a text line as a reader (or a log shipper) splits them: at
+    /// spaces outside double quotes, a backslash escaping the next character inside them.
+    fn text_fields(line: &str) -> Vec<(String, String)> {
+        let (mut fields, mut token, mut quoted, mut escaped) = (Vec::new(), String::new(), false, false);
+        for c in line.trim_end().chars().chain([' ']) {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                ' ' if !quoted => {
+                    if let Some((k, v)) = std::mem::take(&mut token).split_once('=') {
+                        fields.push((k.to_string(), v.to_string()));
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            token.push(c);
+        }
+        fields
+    }
+
+    #[test]
+    fn peer_controlled_values_cannot_forge_log_fields() {
+        for host in [
+            "x status=999 path=/forged",
+            "x\" status=999 path=\"/forged",
+            "x\\\" status=999 path=/forged",
+            "x\tstatus=999\u{e9} method=PUT",
+        ] {
+            let request = format!("GET /real?status=999 HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            let text = logged(false, request.as_bytes());
+            assert_eq!(text.lines().count(), 1, "{text}");
+            let fields = text_fields(&text);
+            let keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(
+                keys,
+                ["tunnel", "method", "host", "path", "status", "request_bytes", "response_bytes"],
+                "{text}"
+            );
+            let value = |k: &str| fields.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap();
+            assert_eq!(value("status"), "200", "{text}");
+            assert_eq!(value("host"), format!("{host:?}"), "quoted and escaped: {text}");
+            assert_eq!(value("path"), "\"/real\"", "{text}");
+
+            let json = logged(true, request.as_bytes());
+            assert!(json.contains(",\"status\":200,"), "{json}");
+            assert_eq!(json.matches("\"status\":").count(), 1, "{json}");
+            let escaped = host.replace('\\', "\\\\").replace('"', "\\\"").replace('\t', "\\t");
+            assert!(json.contains(&format!("\"host\":\"{escaped}\"")), "{json}");
+        }
     }
 
     #[test]
