@@ -44,6 +44,8 @@ pub struct Metrics {
     /// Accepts that failed for want of a resource (EMFILE, ENFILE, ENOBUFS): the listener
     /// backs off and keeps serving, and this says it had to.
     pub accept_errors: Counter,
+    /// bcrypt verifications computed (each a slow hash; cache answers are not counted).
+    pub auth_hashes: Counter,
     /// MITM leaf certificates minted.
     pub mitm_certs_minted: Counter,
     /// MITM leaf certificates served from the cache.
@@ -134,7 +136,7 @@ impl Metrics {
             ),
             dns_lookup: r
                 .histogram("veilgate_dns_lookup_duration_seconds", "Time of DNS lookups that asked a resolver."),
-            limiter_keys: ["clients", "new_tunnel_rate"]
+            limiter_keys: ["clients", "new_tunnel_rate", "auth_attempts"]
                 .iter()
                 .map(|l| {
                     (
@@ -168,6 +170,11 @@ impl Metrics {
             accept_errors: r.counter(
                 "veilgate_accept_errors_total",
                 "Accepts that failed for want of a resource (descriptors, buffers); the listener backs off.",
+                &[],
+            ),
+            auth_hashes: r.counter(
+                "veilgate_auth_hashes_total",
+                "bcrypt verifications computed for proxy authentication (cache answers not counted).",
                 &[],
             ),
             mitm_certs_minted: r.counter(
@@ -281,6 +288,13 @@ impl Metrics {
         }
         if let Some(g) = self.limiter_keys.get("new_tunnel_rate") {
             g.set(rate as f64);
+        }
+    }
+
+    /// Sets the tracked-keys gauge of the authentication-attempt limiter.
+    pub fn auth_attempt_keys(&self, keys: usize) {
+        if let Some(g) = self.limiter_keys.get("auth_attempts") {
+            g.set(keys as f64);
         }
     }
 

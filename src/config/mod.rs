@@ -249,10 +249,26 @@ pub struct AuthConfig {
     /// Realm named in `Proxy-Authenticate`.
     #[serde(default = "default_realm")]
     pub realm: String,
+    /// Attempts that need a bcrypt hash (credentials no cache knows), per client address per
+    /// second (GCRA); past it and the burst, 429 + Retry-After and no hash. Always on: bcrypt
+    /// is slow on purpose, so unbounded attempts are a way to keep real users out.
+    #[serde(default = "default_attempts_per_second")]
+    pub attempts_per_second: NonZeroU32,
+    /// Burst for `attempts_per_second`.
+    #[serde(default = "default_attempts_burst")]
+    pub attempts_burst: NonZeroU32,
 }
 
 fn default_realm() -> String {
     "veilgate".to_string()
+}
+
+fn default_attempts_per_second() -> NonZeroU32 {
+    NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN)
+}
+
+fn default_attempts_burst() -> NonZeroU32 {
+    NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN)
 }
 
 /// What veilgate does with a destination.
