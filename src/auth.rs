@@ -270,8 +270,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Many cheap users and one dear one: any user's cost but the highest would give
         // unknown names away as faster than the dear one's wrong passwords.
-        let mut lines: Vec<String> = (0..20).map(|i| format!("u{i}:{}", bcrypt::hash("p", 4).unwrap())).collect();
-        lines.insert(7, format!("dear:{}", bcrypt::hash("p", 6).unwrap()));
+        let mut lines: Vec<String> = (0..50).map(|i| format!("u{i}:{}", bcrypt::hash("p", 4).unwrap())).collect();
+        lines.insert(17, format!("dear:{}", bcrypt::hash("p", 6).unwrap()));
         let auth = Auth::load(&file(&dir, &lines), "r").unwrap();
         assert_eq!(auth.dummy.parse::<bcrypt::HashParts>().unwrap().get_cost(), 6);
     }
