@@ -31,15 +31,16 @@ impl Slots {
 
     /// A slot for `client`, or `None` when none came free within `wait`.
     pub async fn acquire(&self, client: &ClientKey, wait: Duration) -> Option<Slot> {
+        let entry = self.clients.entry(client.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.share)));
+        let sem = Arc::clone(entry.value());
+        drop(entry);
+        // Made before the wait, so a wait that times out or is cancelled cleans up too.
         let mut turn = ClientTurn {
-            sem: Some(Arc::clone(
-                self.clients.entry(client.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.share))).value(),
-            )),
             clients: Arc::clone(&self.clients),
             key: client.clone(),
+            sem: Some(Arc::clone(&sem)),
             permit: None,
         };
-        let sem = turn.sem.clone()?;
         let global = Arc::clone(&self.global);
         tokio::time::timeout(wait, async move {
             turn.permit = Some(sem.acquire_owned().await.ok()?);
