@@ -8,9 +8,9 @@
 //!   itself), and a header that failed within [`FAILED_TTL`] is refused from a second one;
 //! - a client address may cause `auth.attempts_per_second` hashes (burst `attempts_burst`),
 //!   counted before the hash: past that it gets 429 and no hash;
-//! - the hashes run on a few verification slots (`slots`), of which one client holds at most half, and a request
-//!   that gets none within [`VERIFY_WAIT`] is told the proxy is busy (503), never that its
-//!   password is wrong;
+//! - the hashes run on a few verification slots (`slots`), of which one client holds at most
+//!   half, and a request that gets none within [`VERIFY_WAIT`] is told the proxy is busy
+//!   (503), never that its password is wrong;
 //! - an unknown user costs as much as the most expensive known one (a dummy hash at the
 //!   highest cost in the file), so timing does not tell which names exist.
 
