@@ -166,6 +166,7 @@ async fn answer(mut stream: TcpStream, ctx: &Context) -> std::io::Result<()> {
         "/metrics" => {
             let (clients, rate) = ctx.governor.tracked_keys();
             ctx.metrics.limiter_keys(clients, rate);
+            ctx.metrics.auth_attempt_keys(ctx.governor.auth_attempt_keys());
             let body = ctx.metrics.render();
             respond(s, 200, "text/plain; version=0.0.4; charset=utf-8", &body, head_only).await
         }

@@ -24,7 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy (the default).
     Run(RunArgs),
-    /// Check a configuration: print the effective config and exit 0, or name the problem and exit 1.
+    /// Check a configuration and every file it names, as `run` and a reload load them: print the
+    /// effective config and exit 0, or name the problem and exit 1.
     CheckConfig(ConfigArg),
     /// Print the documented default configuration.
     PrintDefaultConfig,

@@ -46,7 +46,9 @@ pub enum LoadError {
 }
 
 impl Shared {
-    /// Compiles `config`. `own` are the bound listener addresses (never dialled).
+    /// Compiles `config`, loading every file it names. `own` are the bound listener
+    /// addresses (never dialled). Start-up, reload and `check-config` (through
+    /// [`Shared::check`]) all come here, so no file passes one and fails another.
     pub fn build(config: Config, own: &[SocketAddr]) -> Result<Shared, LoadError> {
         let auth = match &config.auth {
             Some(a) => Some(Auth::load(&a.credentials_file, &a.realm)?),
@@ -64,6 +66,11 @@ impl Shared {
             interceptor,
             config,
         })
+    }
+
+    /// What `check-config` runs: [`Shared::build`], with nothing kept.
+    pub fn check(config: &Config) -> Result<(), LoadError> {
+        Shared::build(config.clone(), &[]).map(drop)
     }
 }
 

@@ -15,6 +15,16 @@ pub enum Refusal {
     /// Proxy authentication missing or wrong (407).
     #[error("proxy authentication required")]
     AuthRequired,
+    /// Too many authentication attempts that need a hash from this address (429 with
+    /// Retry-After); no hash was computed.
+    #[error("too many authentication attempts from this address")]
+    AuthAttempts {
+        /// When the next attempt will be counted.
+        retry_after: Duration,
+    },
+    /// No credential-verification slot came free in time (503): says nothing about the password.
+    #[error("too busy to verify credentials")]
+    AuthBusy,
     /// The head did not arrive within `header_timeout` (408).
     #[error("request head timed out")]
     HeaderTimeout,
@@ -68,10 +78,12 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every metric label, so counters can be registered (at zero) before the first refusal.
-    pub const REASONS: [&'static str; 18] = [
+    pub const REASONS: [&'static str; 20] = [
         "bad_request",
         "method_not_allowed",
         "auth_required",
+        "auth_attempts",
+        "auth_busy",
         "header_timeout",
         "header_too_large",
         "port_denied",
@@ -95,6 +107,8 @@ impl Refusal {
             Refusal::BadRequest(_) => 400,
             Refusal::MethodNotAllowed => 405,
             Refusal::AuthRequired => 407,
+            Refusal::AuthAttempts { .. } => 429,
+            Refusal::AuthBusy => 503,
             Refusal::HeaderTimeout => 408,
             Refusal::HeaderTooLarge => 431,
             Refusal::PortDenied | Refusal::HostDenied | Refusal::AddressDenied | Refusal::RouteDenied => 403,
@@ -111,6 +125,8 @@ impl Refusal {
             Refusal::BadRequest(_) => "bad_request",
             Refusal::MethodNotAllowed => "method_not_allowed",
             Refusal::AuthRequired => "auth_required",
+            Refusal::AuthAttempts { .. } => "auth_attempts",
+            Refusal::AuthBusy => "auth_busy",
             Refusal::HeaderTimeout => "header_timeout",
             Refusal::HeaderTooLarge => "header_too_large",
             Refusal::PortDenied => "port_denied",
@@ -140,6 +156,8 @@ mod tests {
             Refusal::BadRequest("x"),
             Refusal::MethodNotAllowed,
             Refusal::AuthRequired,
+            Refusal::AuthAttempts { retry_after: Duration::from_secs(1) },
+            Refusal::AuthBusy,
             Refusal::HeaderTimeout,
             Refusal::HeaderTooLarge,
             Refusal::PortDenied,

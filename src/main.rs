@@ -10,7 +10,8 @@ use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use veilgate::cli::{CaCommand, Cli, Command, ProbeArgs, RunArgs};
 use veilgate::config::{DEFAULT_CONFIG, LogFormat};
-use veilgate::{Controller, Proxy};
+use veilgate::context::Shared;
+use veilgate::{Controller, Proxy, StartError};
 
 fn main() -> ExitCode {
     // One TLS provider for the whole process, chosen before anything builds a config.
@@ -37,7 +38,12 @@ fn main() -> ExitCode {
         }
         Some(Command::CheckConfig(arg)) => {
             let args = RunArgs { config: arg, listen: vec![], admin_listen: None, log_format: None };
-            match args.load() {
+            // The files too, through the same build start-up and reload use.
+            let checked = args.load().map_err(anyhow::Error::from).and_then(|config| {
+                Shared::check(&config)?;
+                Ok(config)
+            });
+            match checked {
                 Ok(config) => {
                     print!("{}", config.to_toml());
                     ExitCode::SUCCESS
@@ -100,7 +106,12 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn serve(config: veilgate::Config, args: RunArgs) -> anyhow::Result<()> {
-    let proxy = Proxy::bind(config).await.context("starting veilgate")?;
+    let proxy = match Proxy::bind(config).await {
+        Ok(p) => p,
+        // Worded as check-config words it: the same files failed the same build.
+        Err(StartError::Load(e)) => anyhow::bail!("invalid configuration: {e}"),
+        Err(e) => return Err(e).context("starting veilgate"),
+    };
     info!(version = env!("CARGO_PKG_VERSION"), listen = ?proxy.proxy_addrs(), admin = ?proxy.admin_addr(), "veilgate started");
     let controller = proxy.controller();
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

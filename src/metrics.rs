@@ -46,6 +46,8 @@ pub struct Metrics {
     pub accept_errors: Counter,
     /// Admin connections over the admin listener's bounds, closed at once.
     pub admin_refused: Counter,
+    /// bcrypt verifications computed (each a slow hash; cache answers are not counted).
+    pub auth_hashes: Counter,
     /// MITM leaf certificates minted.
     pub mitm_certs_minted: Counter,
     /// MITM leaf certificates served from the cache.
@@ -136,7 +138,7 @@ impl Metrics {
             ),
             dns_lookup: r
                 .histogram("veilgate_dns_lookup_duration_seconds", "Time of DNS lookups that asked a resolver."),
-            limiter_keys: ["clients", "new_tunnel_rate"]
+            limiter_keys: ["clients", "new_tunnel_rate", "auth_attempts"]
                 .iter()
                 .map(|l| {
                     (
@@ -175,6 +177,11 @@ impl Metrics {
             admin_refused: r.counter(
                 "veilgate_admin_connections_refused_total",
                 "Admin connections closed at once because the admin listener held its most, in all or for that client.",
+                &[],
+            ),
+            auth_hashes: r.counter(
+                "veilgate_auth_hashes_total",
+                "bcrypt verifications computed for proxy authentication (cache answers not counted).",
                 &[],
             ),
             mitm_certs_minted: r.counter(
@@ -288,6 +295,13 @@ impl Metrics {
         }
         if let Some(g) = self.limiter_keys.get("new_tunnel_rate") {
             g.set(rate as f64);
+        }
+    }
+
+    /// Sets the tracked-keys gauge of the authentication-attempt limiter.
+    pub fn auth_attempt_keys(&self, keys: usize) {
+        if let Some(g) = self.limiter_keys.get("auth_attempts") {
+            g.set(keys as f64);
         }
     }
 

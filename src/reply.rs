@@ -42,7 +42,7 @@ pub fn refusal(refusal: &Refusal, realm: Option<&str>) -> Vec<u8> {
     );
     match refusal {
         Refusal::MethodNotAllowed => head.push_str("Allow: CONNECT\r\n"),
-        Refusal::ClientRate { retry_after } => {
+        Refusal::ClientRate { retry_after } | Refusal::AuthAttempts { retry_after } => {
             // Whole seconds, rounded up, never 0: "retry now" would only be refused again.
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             head.push_str(&format!("Retry-After: {}\r\n", secs.max(1)));

@@ -110,7 +110,10 @@ impl Proxy {
         }
         let sweeper = {
             let ctx2 = Arc::clone(&ctx);
-            ctx.governor.start_sweeper(move |clients, rate| ctx2.metrics.limiter_keys(clients, rate))
+            ctx.governor.start_sweeper(move |clients, rate| {
+                ctx2.metrics.limiter_keys(clients, rate);
+                ctx2.metrics.auth_attempt_keys(ctx2.governor.auth_attempt_keys());
+            })
         };
         let upkeep = {
             let ctx2 = Arc::clone(&ctx);

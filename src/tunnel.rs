@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use crate::auth::Verdict;
 use crate::config::{ClientAddressLog, Mode, ServerConfig};
 use crate::connect::{self, ConnectRequest, HeadError};
 use crate::context::{Context, Shared};
@@ -59,10 +60,20 @@ impl Tunnel {
         };
         let key = match &shared.auth {
             None => ctx.governor.key_for(self.peer.ip()),
-            Some(auth) => match auth.check(req.proxy_authorization.as_deref()).await {
-                Some(user) => ClientKey::User(user),
-                None => return self.refuse(Refusal::AuthRequired, Some(&req)).await,
-            },
+            Some(auth) => {
+                let from = ctx.governor.key_for(self.peer.ip());
+                match auth
+                    .check(req.proxy_authorization.as_deref(), &from, &ctx.governor, &ctx.metrics.auth_hashes)
+                    .await
+                {
+                    Verdict::User(user) => ClientKey::User(user),
+                    Verdict::Denied => return self.refuse(Refusal::AuthRequired, Some(&req)).await,
+                    Verdict::Busy => return self.refuse(Refusal::AuthBusy, Some(&req)).await,
+                    Verdict::TooManyAttempts { retry_after } => {
+                        return self.refuse(Refusal::AuthAttempts { retry_after }, Some(&req)).await;
+                    }
+                }
+            }
         };
         let route = route::lookup(&shared.config.routes, &req.target);
         if route.mode == Mode::Deny {

@@ -1,7 +1,9 @@
-//! The real binary: SIGHUP reloads (and survives an invalid file), SIGTERM drains and exits 0.
+//! The real binary: SIGHUP reloads (and survives an invalid file), SIGTERM drains and exits 0;
+//! check-config, start-up and reload refuse the same files with the same words.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -85,4 +87,168 @@ fn sighup_reloads_and_survives_an_invalid_file_then_sigterm_exits_0() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(0));
+}
+
+/// Runs the binary to its end with `cwd` as working directory: (exit code, stdout, stderr).
+/// Bounded: a process still running after the wait is killed and fails the test.
+fn run_to_end(args: &[&str], cwd: &Path) -> (Option<i32>, String, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_veilgate"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("VEILGATE_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vg = Veilgate(child);
+    wait_for(&format!("veilgate {args:?} to exit"), || vg.0.try_wait().unwrap().is_some());
+    let code = vg.0.try_wait().unwrap().and_then(|s| s.code());
+    let (mut out, mut err) = (String::new(), String::new());
+    vg.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    vg.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (code, out, err)
+}
+
+fn htpasswd_line(user: &str, password: &str) -> String {
+    format!("{user}:{}\n", bcrypt::hash(password, 4).unwrap())
+}
+
+/// A CA made by the library's `ca init`, in DIR/ca.
+fn make_ca(dir: &Path) {
+    veilgate::mitm::ca::init(&dir.join("ca")).unwrap();
+}
+
+/// Each file `run` would refuse is refused by `check-config` too, with the same message, and
+/// neither starts. Paths in the files are relative: they resolve against the file's folder,
+/// whatever the working directory (here `/`).
+#[test]
+fn check_config_refuses_every_file_run_refuses_with_the_same_message() {
+    use std::os::unix::fs::PermissionsExt;
+    type Setup = fn(&Path) -> String;
+    let cases: [(&str, Setup, &[&str]); 5] = [
+        (
+            "missing credentials file",
+            |_| "[auth]\ncredentials_file = \"nobody.htpasswd\"\n".into(),
+            &["auth.credentials_file", "nobody.htpasswd"],
+        ),
+        (
+            "a line that is not bcrypt",
+            |d| {
+                let lines = htpasswd_line("alice", "a") + "bob:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=\n";
+                std::fs::write(d.join("users.htpasswd"), lines).unwrap();
+                "[auth]\ncredentials_file = \"users.htpasswd\"\n".into()
+            },
+            &["auth.credentials_file", "users.htpasswd", "line 2", "bcrypt"],
+        ),
+        (
+            "missing CA key",
+            |d| {
+                make_ca(d);
+                "[mitm]\nca_cert = \"ca/veilgate-ca.pem\"\nca_key = \"ca/other.key\"\n".into()
+            },
+            &["mitm", "other.key", "No such file"],
+        ),
+        (
+            "group-readable CA key",
+            |d| {
+                make_ca(d);
+                std::fs::set_permissions(d.join("ca/veilgate-ca.key"), std::fs::Permissions::from_mode(0o640)).unwrap();
+                "[mitm]\nca_cert = \"ca/veilgate-ca.pem\"\nca_key = \"ca/veilgate-ca.key\"\n".into()
+            },
+            &["mitm", "veilgate-ca.key", "readable by group"],
+        ),
+        (
+            "missing upstream_roots bundle",
+            |d| {
+                make_ca(d);
+                "[mitm]\nca_cert = \"ca/veilgate-ca.pem\"\nca_key = \"ca/veilgate-ca.key\"\nupstream_roots = \"roots.pem\"\n"
+                    .into()
+            },
+            &["mitm", "roots.pem"],
+        ),
+    ];
+    for (case, setup, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("veilgate.toml");
+        std::fs::write(&file, setup(dir.path())).unwrap();
+        let file = file.to_str().unwrap();
+        let (code, _, checked) = run_to_end(&["check-config", "-c", file], Path::new("/"));
+        assert_eq!(code, Some(1), "{case}: check-config must refuse it: {checked}");
+        for word in expected {
+            assert!(checked.contains(word), "{case}: `{word}` not in: {checked}");
+        }
+        let listen = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+        let (code, _, ran) = run_to_end(&[&["run", "-c", file][..], &listen].concat(), Path::new("/"));
+        assert_eq!(code, Some(1), "{case}: run refuses it");
+        assert_eq!(ran, checked, "{case}: the same words from both");
+    }
+}
+
+/// CONNECT through the proxy with `user:password`; the reply's status.
+fn connect_status(proxy: SocketAddr, credentials: &str) -> u16 {
+    use base64::Engine;
+    let mut s = TcpStream::connect_timeout(&proxy, Duration::from_secs(1)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(credentials);
+    // Port 1 is not allowed: a 403 means the credentials passed, a 407 that they did not.
+    write!(s, "CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\nProxy-Authorization: Basic {b64}\r\n\r\n").unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    String::from_utf8_lossy(&head[9..12]).parse().unwrap()
+}
+
+/// Relative paths work from another working directory, for check-config, run and reload; a
+/// reload whose credentials file went bad fails and keeps the running configuration.
+#[test]
+fn relative_paths_follow_the_config_file_and_a_bad_file_on_reload_keeps_the_running_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("veilgate.toml");
+    let users = dir.path().join("users.htpasswd");
+    std::fs::write(&users, htpasswd_line("alice", "wonderland")).unwrap();
+    make_ca(dir.path());
+    let config = |cap: u32| {
+        format!(
+            "[limits]\nmax_tunnels = {cap}\n[auth]\ncredentials_file = \"users.htpasswd\"\n[mitm]\nca_cert = \"ca/veilgate-ca.pem\"\nca_key = \"ca/veilgate-ca.key\"\nupstream_roots = \"ca/veilgate-ca.pem\"\n"
+        )
+    };
+    std::fs::write(&file, config(10)).unwrap();
+
+    // check-config with a relative config path, from the folder above.
+    let parent = dir.path().parent().unwrap();
+    let relative = dir.path().file_name().unwrap().to_str().unwrap().to_string() + "/veilgate.toml";
+    let (code, printed, err) = run_to_end(&["check-config", "-c", &relative], parent);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(printed.contains(&format!("credentials_file = \"{}\"", users.display())), "{printed}");
+
+    let (proxy, admin) = (free_port(), free_port());
+    let proxy_addr: SocketAddr = format!("127.0.0.1:{proxy}").parse().unwrap();
+    let admin_addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_veilgate"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .args(["--listen", &proxy_addr.to_string(), "--admin-listen", &admin_addr.to_string()])
+        .current_dir("/")
+        .env_remove("VEILGATE_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let vg = Veilgate(child);
+    wait_for("health", || get(admin_addr, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    assert_eq!(connect_status(proxy_addr, "alice:wonderland"), 403, "credentials read from the relative file");
+    assert_eq!(connect_status(proxy_addr, "alice:wrong"), 407);
+
+    let scrape = || get(admin_addr, "/metrics").unwrap_or_default();
+    std::fs::write(&users, htpasswd_line("alice", "changed") + "bob:plaintext\n").unwrap();
+    std::fs::write(&file, config(20)).unwrap();
+    signal(&vg.0, libc::SIGHUP);
+    wait_for("a failed reload", || series(&scrape(), "veilgate_config_reloads_total{result=\"error\"}") == Some(1.0));
+    assert_eq!(series(&scrape(), "veilgate_config_max_tunnels"), Some(10.0), "the whole old config kept");
+    assert_eq!(connect_status(proxy_addr, "alice:wonderland"), 403, "and its credentials");
+
+    std::fs::write(&users, htpasswd_line("alice", "changed")).unwrap();
+    signal(&vg.0, libc::SIGHUP);
+    wait_for("a good reload", || series(&scrape(), "veilgate_config_max_tunnels") == Some(20.0));
+    assert_eq!(connect_status(proxy_addr, "alice:changed"), 403);
+    assert_eq!(connect_status(proxy_addr, "alice:wonderland"), 407);
 }

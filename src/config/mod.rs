@@ -263,10 +263,26 @@ pub struct AuthConfig {
     /// Realm named in `Proxy-Authenticate`.
     #[serde(default = "default_realm")]
     pub realm: String,
+    /// Attempts that need a bcrypt hash (credentials no cache knows), per client address per
+    /// second (GCRA); past it and the burst, 429 + Retry-After and no hash. Always on: bcrypt
+    /// is slow on purpose, so unbounded attempts are a way to keep real users out.
+    #[serde(default = "default_attempts_per_second")]
+    pub attempts_per_second: NonZeroU32,
+    /// Burst for `attempts_per_second`.
+    #[serde(default = "default_attempts_burst")]
+    pub attempts_burst: NonZeroU32,
 }
 
 fn default_realm() -> String {
     "veilgate".to_string()
+}
+
+fn default_attempts_per_second() -> NonZeroU32 {
+    NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN)
+}
+
+fn default_attempts_burst() -> NonZeroU32 {
+    NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN)
 }
 
 /// What veilgate does with a destination.
@@ -406,11 +422,31 @@ impl Config {
         Ok(config)
     }
 
-    /// Reads, parses and validates a file.
+    /// Reads, parses and validates a file. Relative file paths in it (`auth.credentials_file`,
+    /// `mitm.ca_cert`, `mitm.ca_key`, a `mitm.upstream_roots` bundle) are made relative to the
+    /// file's folder, so the proxy reads the same files whatever its working directory, on
+    /// start-up and on every reload.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        Config::from_toml(&text, &path.display().to_string())
+        let mut config = Config::from_toml(&text, &path.display().to_string())?;
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        config.resolve_paths(absolute.parent().unwrap_or(Path::new("")));
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        let under = |p: &Path| if p.is_relative() { dir.join(p) } else { p.to_path_buf() };
+        if let Some(a) = &mut self.auth {
+            a.credentials_file = under(&a.credentials_file);
+        }
+        if let Some(m) = &mut self.mitm {
+            m.ca_cert = under(&m.ca_cert);
+            m.ca_key = under(&m.ca_key);
+            if m.upstream_roots != "system" {
+                m.upstream_roots = under(Path::new(&m.upstream_roots)).display().to_string();
+            }
+        }
     }
 
     /// The embedded defaults.
@@ -559,6 +595,22 @@ mod tests {
         let c = Config::embedded();
         let again = Config::from_toml(&c.to_toml(), "rendered").unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_files_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("veilgate.toml");
+        let text = "[auth]\ncredentials_file = \"users\"\n[mitm]\nca_cert = \"ca/c.pem\"\nca_key = \"/abs/c.key\"\nupstream_roots = \"../roots.pem\"\n";
+        std::fs::write(&file, text).unwrap();
+        let c = Config::load(&file).unwrap();
+        assert_eq!(c.auth.unwrap().credentials_file, dir.path().join("users"));
+        let m = c.mitm.unwrap();
+        assert_eq!(m.ca_cert, dir.path().join("ca/c.pem"));
+        assert_eq!(m.ca_key, PathBuf::from("/abs/c.key"), "absolute paths stay");
+        assert_eq!(m.upstream_roots, dir.path().join("../roots.pem").display().to_string());
+        std::fs::write(&file, text.replace("\"../roots.pem\"", "\"system\"")).unwrap();
+        assert_eq!(Config::load(&file).unwrap().mitm.unwrap().upstream_roots, "system");
     }
 
     fn err(text: &str) -> String {

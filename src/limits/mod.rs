@@ -27,7 +27,7 @@ use crate::config::{ByteRate, Config, LimitsConfig, RouteConfig, RouteLimits};
 use crate::error::Refusal;
 use bandwidth::Bucket;
 use conns::{Gauge, GaugePermit};
-use rate::NewTunnelRate;
+use rate::KeyedRate;
 
 /// How often idle per-client state is swept.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -129,7 +129,9 @@ pub struct Governor {
     settings: ArcSwap<Settings>,
     global: Arc<Gauge>,
     clients: DashMap<StateKey, Arc<ClientState>>,
-    rate: NewTunnelRate,
+    rate: KeyedRate,
+    /// Authentication attempts that need a hash, per client address (only with `[auth]`).
+    auth_attempts: KeyedRate,
     global_buckets: [Bucket; 2],
     epoch: Instant,
 }
@@ -141,7 +143,8 @@ impl Governor {
             settings: ArcSwap::from_pointee(Settings::default()),
             global: Arc::new(Gauge::default()),
             clients: DashMap::new(),
-            rate: NewTunnelRate::default(),
+            rate: KeyedRate::default(),
+            auth_attempts: KeyedRate::default(),
             global_buckets: Default::default(),
             epoch: Instant::now(),
         };
@@ -154,6 +157,8 @@ impl Governor {
     pub fn update(&self, config: &Config) {
         let pc = &config.limits.per_client;
         self.rate.configure(pc.new_tunnels_per_second, pc.new_tunnels_burst);
+        let auth = config.auth.as_ref();
+        self.auth_attempts.configure(auth.map(|a| a.attempts_per_second), auth.map(|a| a.attempts_burst));
         self.settings.store(Arc::new(Settings {
             limits: config.limits.clone(),
             routes: config
@@ -197,6 +202,12 @@ impl Governor {
         })
     }
 
+    /// Counts one authentication attempt that needs a hash for `client` (its address's key);
+    /// `Err` says how long until the next is allowed.
+    pub fn auth_attempt(&self, client: &ClientKey) -> Result<(), Duration> {
+        self.auth_attempts.check(client)
+    }
+
     /// Takes a slot in the (client, route) state, creating it if needed. The check and the
     /// increment happen under the map's shard lock, the same lock the sweeper takes, so a
     /// state is never swept while a tunnel is being admitted to it.
@@ -219,12 +230,19 @@ impl Governor {
     }
 
     /// Drops per-client state nobody uses and that has been quiet for a sweep interval, and
-    /// the rate limiter's keys that are back to a fresh state. Returns (clients, rate keys).
+    /// the rate limiters' keys that are back to a fresh state. Returns (clients, rate keys);
+    /// [`Governor::auth_attempt_keys`] tells the attempt limiter's.
     pub fn sweep(&self) -> (usize, usize) {
         let horizon = self.now_ms().saturating_sub(SWEEP_INTERVAL.as_millis() as u64);
         self.clients.retain(|_, st| Arc::strong_count(st) > 1 || st.last_used_ms.load(Ordering::Relaxed) > horizon);
         self.clients.shrink_to_fit();
+        self.auth_attempts.sweep();
         (self.clients.len(), self.rate.sweep())
+    }
+
+    /// Keys the authentication-attempt limiter tracks now.
+    pub fn auth_attempt_keys(&self) -> usize {
+        self.auth_attempts.tracked()
     }
 
     /// Tracked keys: (client and route states, new-tunnel-rate keys).
@@ -457,5 +475,25 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(g.sweep(), (0, 0));
         assert!(g.clients.capacity() < 4096, "the map gave its memory back: {}", g.clients.capacity());
+    }
+
+    #[tokio::test]
+    async fn auth_attempts_are_per_address_and_swept() {
+        let g =
+            Governor::new(&config("[auth]\ncredentials_file = \"x\"\nattempts_per_second = 1000\nattempts_burst = 2"));
+        let a = g.key_for("127.0.0.2".parse().unwrap());
+        assert!(g.auth_attempt(&a).is_ok() && g.auth_attempt(&a).is_ok());
+        assert!(g.auth_attempt(&a).is_err(), "past the burst");
+        for i in 0..10_000u32 {
+            let _ = g.auth_attempt(&ClientKey::V4(Ipv4Addr::from(i)));
+        }
+        assert_eq!(g.auth_attempt_keys(), 10_001);
+        // One attempt at 1000/s is forgotten after 1 ms.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        g.sweep();
+        assert_eq!(g.auth_attempt_keys(), 0);
+        // Without [auth] nothing is counted.
+        let g = Governor::new(&config(""));
+        assert!((0..100).all(|_| g.auth_attempt(&a).is_ok()));
     }
 }

@@ -1,4 +1,5 @@
-//! New tunnels per second per client: governor's keyed GCRA with a burst.
+//! Events per second per client, governor's keyed GCRA with a burst: new tunnels, and
+//! authentication attempts that need a hash.
 //!
 //! Governor quotas are immutable, so a reload that changes the rate builds a new limiter
 //! (every client starts with a full burst again); a reload that keeps it keeps the state.
@@ -19,13 +20,13 @@ struct Keyed {
     limiter: DefaultKeyedRateLimiter<ClientKey>,
 }
 
-/// The per-client new-tunnel rate limiter (absent when not configured).
+/// One per-client rate limiter (absent when not configured).
 #[derive(Default)]
-pub struct NewTunnelRate {
+pub struct KeyedRate {
     current: ArcSwapOption<Keyed>,
 }
 
-impl NewTunnelRate {
+impl KeyedRate {
     /// Applies `per_second`/`burst` from the config; keeps state when they are unchanged.
     pub fn configure(&self, per_second: Option<NonZeroU32>, burst: Option<NonZeroU32>) {
         let Some(per_second) = per_second else {
@@ -46,7 +47,7 @@ impl NewTunnelRate {
         })));
     }
 
-    /// Counts one new tunnel for `key`; `Err` says how long until the next is allowed.
+    /// Counts one event for `key`; `Err` says how long until the next is allowed.
     pub fn check(&self, key: &ClientKey) -> Result<(), Duration> {
         let guard = self.current.load();
         let Some(k) = guard.as_ref() else {
