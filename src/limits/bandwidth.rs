@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -26,27 +26,38 @@ use crate::config::ByteRate;
 /// Size of one governor cell.
 pub const CELL: u64 = 1024;
 
-/// Largest chunk a throttled tunnel reads at once (the relay's own buffer size).
-pub const MAX_CHUNK: usize = 64 * 1024;
+/// Largest chunk a throttled tunnel moves at once: the splice relay's pipe (the copy relays
+/// clamp it to their buffers).
+pub const MAX_CHUNK: usize = 256 * 1024;
 
 /// Smallest receive buffer given to a throttled socket.
 pub const MIN_RCVBUF: usize = 16 * 1024;
 /// Budgets whose 1/16 s exceeds this leave the kernel's buffer autotuning alone.
 pub const AUTOTUNE_ABOVE: usize = 4 << 20;
 
-/// Chunk size for a rate: about 4 ms of budget, between one cell and [`MAX_CHUNK`]. Small
-/// chunks make one client's tunnels take short, frequent turns (fair within a second);
-/// at high rates the chunk grows so a limit that does not bind costs few extra wake-ups.
-pub fn chunk_for(rate: ByteRate) -> usize {
-    let c = (rate.bytes_per_sec() / 256) / CELL * CELL;
+/// Chunk size for a rate that `sharers` tunnels draw on: a turn is at most 1/8 s of the
+/// rate, and a round of every sharer's turn about 1/4 s; between one cell and
+/// [`MAX_CHUNK`].
+///
+/// What a throttled byte costs is set by the chunk: each chunk is a read, a wait on the
+/// bucket (a lock, a timer, a wake-up) and a write, whatever its size, and on loopback most
+/// of a write's cost is per segment. At 4 ms of budget a chunk was 4 KiB at 1 MiB/s and 100
+/// throttled clients made 25,000 chunks a second: ten times the CPU per byte of an
+/// unthrottled tunnel. Sizing a round by time keeps many tunnels of one client taking turns
+/// four times a second (fair well within a second), and the 1/8 s cap keeps the overshoot
+/// bound (one chunk per tunnel) and the granularity of a client's rate over a few seconds
+/// within about 2%.
+pub fn chunk_for(rate: ByteRate, sharers: u32) -> usize {
+    let bps = rate.bytes_per_sec();
+    let c = (bps / 8).min(bps / (4 * u64::from(sharers.max(1)))) / CELL * CELL;
     usize::try_from(c).unwrap_or(MAX_CHUNK).clamp(CELL as usize, MAX_CHUNK)
 }
 
-/// Burst in cells: 100 ms of the rate, but at least one chunk and a cell of carry, so any
-/// chunk can pass and a short transfer is not all burst.
+/// Burst in cells: 100 ms of the rate, but at least the largest chunk (a lone tunnel's) and
+/// a cell of carry, so any chunk can pass and a short transfer is not all burst.
 fn burst_cells(rate: ByteRate) -> u32 {
     let tenth = rate.bytes_per_sec() / 10 / CELL;
-    let chunk = chunk_for(rate) as u64 / CELL + 1;
+    let chunk = chunk_for(rate, 1) as u64 / CELL + 1;
     u32::try_from(tenth.max(chunk)).unwrap_or(u32::MAX)
 }
 
@@ -119,7 +130,7 @@ impl Bucket {
                 match limiter.gcra.check_n(nz) {
                     Ok(Ok(())) => break,
                     Ok(Err(not_until)) => {
-                        let wait = not_until.wait_time_from(DefaultClock::default().now());
+                        let wait = not_until.wait_time_from(limiter.gcra.clock().now());
                         tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
                     }
                     // n <= burst by construction; should governor disagree, pass rather than hang.
@@ -155,11 +166,16 @@ mod tests {
 
     #[test]
     fn chunk_and_burst_shapes() {
-        assert_eq!(chunk_for(ByteRate(4 << 20)), 16 * 1024);
-        assert_eq!(chunk_for(ByteRate(1 << 20)), 4 * 1024);
-        assert_eq!(chunk_for(ByteRate(1 << 30)), 64 * 1024);
-        assert_eq!(chunk_for(ByteRate(100)), 1024);
-        assert_eq!(burst_cells(ByteRate(1 << 20)), 102);
+        let mib = |n: u64| ByteRate(n << 20);
+        assert_eq!(chunk_for(mib(1), 1), 128 * 1024, "a lone tunnel: 1/8 s");
+        assert_eq!(chunk_for(mib(1), 2), 128 * 1024, "two tunnels: a round of 1/4 s");
+        assert_eq!(chunk_for(mib(4), 16), 64 * 1024);
+        assert_eq!(chunk_for(mib(4), 1), MAX_CHUNK);
+        assert_eq!(chunk_for(ByteRate(256 << 10), 2), 32 * 1024);
+        assert_eq!(chunk_for(ByteRate(1 << 30), 1000), MAX_CHUNK);
+        assert_eq!(chunk_for(ByteRate(100), 1), 1024);
+        assert_eq!(chunk_for(mib(1), 0), 128 * 1024, "no sharer counts as one");
+        assert_eq!(burst_cells(mib(1)), 129);
         assert_eq!(burst_cells(ByteRate(100)), 2);
     }
 

@@ -301,12 +301,13 @@ impl Admission {
     /// A throttle pushes back on the sender by not reading. With the kernel's autotuned
     /// buffer (megabytes on a fast path) the sender would first fill that buffer and feel no
     /// push-back for seconds, so its own view of the rate, and the fairness among its
-    /// tunnels, would be off by whatever fit. About 1/8 s of the tightest rate is kept; fast
-    /// budgets keep autotuning.
+    /// tunnels, would be off by whatever fit. 1/8 s of the tightest rate is asked for (the
+    /// kernel doubles it for its overhead), so one read finds a whole chunk (at most 1/8 s,
+    /// see [`bandwidth::chunk_for`]) waiting; fast budgets keep autotuning.
     pub fn receive_buffer(&self, dir: Direction) -> Option<usize> {
         let s = self.governor.settings.load();
         let tightest = self.throttle(dir).rates(&s).into_iter().flatten().min()?;
-        let window = usize::try_from(tightest.bytes_per_sec() / 16).unwrap_or(usize::MAX);
+        let window = usize::try_from(tightest.bytes_per_sec() / 8).unwrap_or(usize::MAX);
         (window < bandwidth::AUTOTUNE_ABOVE).then(|| window.max(bandwidth::MIN_RCVBUF))
     }
 
@@ -358,7 +359,12 @@ impl Throttle {
     pub fn max_chunk(&self) -> Option<usize> {
         let rates = self.rates(&self.governor.settings.load());
         self.seen.set(Some(rates));
-        rates.into_iter().flatten().map(bandwidth::chunk_for).min()
+        let sharers = [
+            Some(self.client.tunnels.active()),
+            self.route.as_ref().map(|r| r.tunnels.active()),
+            Some(self.governor.global.active()),
+        ];
+        rates.into_iter().zip(sharers).filter_map(|(r, n)| Some(bandwidth::chunk_for(r?, n.unwrap_or(1)))).min()
     }
 
     /// Waits until `n` bytes may pass: client budget, then route, then global.

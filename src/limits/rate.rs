@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::ClientKey;
@@ -53,7 +53,7 @@ impl KeyedRate {
         let Some(k) = guard.as_ref() else {
             return Ok(());
         };
-        k.limiter.check_key(key).map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        k.limiter.check_key(key).map_err(|not_until| not_until.wait_time_from(k.limiter.clock().now()))
     }
 
     /// Drops keys whose state equals a fresh one; returns the keys left.
