@@ -12,15 +12,15 @@
 #   free-down, free-up  as down/up with no limit configured: the unthrottled cost, for scale
 #   squid             as down, through Squid delay pools class 2 (once per round, if installed)
 #   connrate          tunnels/s from TH_CR_CLIENTS addresses, no limits vs every limit
-#                     configured (caps, rate, bandwidth; none binding), TH_CR_PAIRS pairs
+#                     configured (caps, rate, bandwidth; none binding), TH_CR_PAIRS pairs a round
 # Loopback only, free ports; every process started here is stopped by PID on exit (also on
 # error); every step has a time limit. Knobs (environment, defaults in brackets):
 #   VEILGATE_BIN [target/release/veilgate, built here]  VEILGATE_BIN_B [unset]: second build
-#   TH_LABEL_A [veilgate, or A with B] TH_LABEL_B [B]   TH_RUNS [1] rounds   TH_SECS [10]
+#   TH_LABEL_A [veilgate, or A with B] TH_LABEL_B [B]   TH_RUNS [3] rounds   TH_SECS [10]
 #   TH_CLIENTS [100] TH_CONNS [200] TH_LIMIT [1048576]
 #   TH_BIG_CLIENTS [1000] TH_BIG_CONNS [2 per client if descriptors allow, else 1]
 #   TH_BIG_LIMIT [262144]
-#   TH_CR_CLIENTS [1000] TH_CR_CONC [50] TH_CR_TOTAL [20000] TH_CR_PAIRS [5]
+#   TH_CR_CLIENTS [1000] TH_CR_CONC [50] TH_CR_TOTAL [20000] TH_CR_PAIRS [2] per round
 #   TH_CASES [down up big-down big-up free-down free-up squid connrate]
 #   TH_OUT [bench/results/STAMP-throttle]  TH_SKIP_BUILD [unset]: 1 = use the binaries built
 #   SQUID_BIN [/usr/sbin/squid]  TB_SRC [../shared/tunnelbench]
@@ -39,7 +39,7 @@ VEILGATE_BIN=${VEILGATE_BIN:-$ROOT/target/release/veilgate}
 VEILGATE_BIN_B=${VEILGATE_BIN_B:-}
 if [ -n "$VEILGATE_BIN_B" ]; then TH_LABEL_A=${TH_LABEL_A:-A}; else TH_LABEL_A=${TH_LABEL_A:-veilgate}; fi
 TH_LABEL_B=${TH_LABEL_B:-B}
-TH_RUNS=${TH_RUNS:-1}
+TH_RUNS=${TH_RUNS:-3}
 TH_SECS=${TH_SECS:-10}
 TH_CLIENTS=${TH_CLIENTS:-100}
 TH_CONNS=${TH_CONNS:-200}
@@ -50,7 +50,7 @@ TH_BIG_CONNS=${TH_BIG_CONNS:-}
 TH_CR_CLIENTS=${TH_CR_CLIENTS:-1000}
 TH_CR_CONC=${TH_CR_CONC:-50}
 TH_CR_TOTAL=${TH_CR_TOTAL:-20000}
-TH_CR_PAIRS=${TH_CR_PAIRS:-5}
+TH_CR_PAIRS=${TH_CR_PAIRS:-2}
 TH_CASES=${TH_CASES:-down up big-down big-up free-down free-up squid connrate}
 SQUID_BIN=${SQUID_BIN:-/usr/sbin/squid}
 TH_OUT=${TH_OUT:-$HERE/results/$(date +%Y%m%d-%H%M%S)-throttle}
@@ -158,7 +158,7 @@ chmod 711 "$TMP" # Squid drops to its own user and must reach its scratch direct
 BUILDS=(A)
 cp "$VEILGATE_BIN" "$TMP/veilgate-A"
 if [ -n "$VEILGATE_BIN_B" ]; then BUILDS=(A B); cp "$VEILGATE_BIN_B" "$TMP/veilgate-B"; fi
-label_of() { if [ "$1" = A ]; then echo "$TH_LABEL_A"; else echo "$TH_LABEL_B"; fi; }
+label_of() { case $1 in A) echo "$TH_LABEL_A" ;; B) echo "$TH_LABEL_B" ;; *) echo "$1" ;; esac; }
 HAVE_SQUID=""
 if [[ " $TH_CASES " == *" squid "* ]]; then
   if [ -x "$SQUID_BIN" ]; then HAVE_SQUID=1; else log "no Squid at $SQUID_BIN: skipping the squid case (apt-get install squid)"; fi

@@ -35,7 +35,9 @@ def fmt(x, nd=2):
 def throttle_figures(r):
     """One throttle line -> the figures of one row (None where not measured)."""
     per_conn = r.get("steady_per_conn_bytes_per_s") or []
-    starved = sum(1 for x in per_conn if x <= 0)
+    # A tunnel that got less than 1% of the median tunnel's rate is starved, not just slow.
+    typical = statistics.median(per_conn) if per_conn else 0
+    starved = sum(1 for x in per_conn if x < typical / 100)
     if per_conn and min(per_conn) > 0:
         fair = max(per_conn) / min(per_conn)
     elif per_conn:
@@ -88,7 +90,7 @@ def main(path):
             groups.setdefault((r["case"], r["build"]), []).append(throttle_figures(r))
     cases = [c for c in CASE_ORDER if any(k[0] == c for k in groups)]
     print("| case | proxy | clients × tunnels, limit | accuracy per client (min / median / max) "
-          "| per-tunnel max/min | MB/s | proxy CPU-s | CPU-s per GB | goal | runs |")
+          "| per-tunnel max/min | MB/s | proxy CPU-s | CPU-s per GB (min–max) | goal | runs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for c in cases:
         for b in builds:
@@ -100,7 +102,7 @@ def main(path):
             fair = fmt(f["fair"])
             if starved:
                 fair += f" ({starved} tunnels starved)"
-            shape = f"{f['clients'] or '?'} × {(f['conns'] or 0) // max(f['clients'] or 1, 1)}"
+            shape = f"{int(f['clients'] or 0)} × {int(f['conns'] or 0) // int(max(f['clients'] or 1, 1))}"
             shape += f", {f['limit'] / 1024:.0f} KiB/s" if f["limit"] else ", none"
             acc = " / ".join(fmt(f[k], 4) for k in ("acc_min", "acc_med", "acc_max")) if f["acc_min"] is not None else "—"
             notes = []
@@ -109,8 +111,12 @@ def main(path):
             if any(x["sink_ok"] is False for x in fs):
                 notes.append("sink count mismatch")
             g = goal(c, f) + (f" ({'; '.join(notes)})" if notes else "")
+            cpu_gb = fmt(f["cpu_gb"])
+            spread = [x["cpu_gb"] for x in fs if x["cpu_gb"] is not None]
+            if len(spread) > 1:
+                cpu_gb += f" ({fmt(min(spread))}–{fmt(max(spread))})"
             print(f"| {c} | {names[b]} | {shape} | {acc} | {fair} | {fmt(f['mbps'], 1)} | {fmt(f['cpu'])} "
-                  f"| {fmt(f['cpu_gb'])} | {g} | {len(fs)} |")
+                  f"| {cpu_gb} | {g} | {len(fs)} |")
 
     # ---- two builds: CPU per GB of B over A, within each round
     if "A" in names and "B" in names:
