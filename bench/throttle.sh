@@ -10,16 +10,19 @@
 #   down, up          TH_CLIENTS clients (127.0.1.2...) x TH_CONNS tunnels, TH_LIMIT B/s each way
 #   big-down, big-up  TH_BIG_CLIENTS clients x TH_BIG_CONNS tunnels at TH_BIG_LIMIT B/s
 #   free-down, free-up  as down/up with no limit configured: the unthrottled cost, for scale
+#   single            (not in the default list) one client at TH_SINGLE_LIMIT with each of
+#                     TH_SINGLE_CONNS tunnels, down and up: issue "Governor layer"'s figures
 #   squid             as down, through Squid delay pools class 2 (once per round, if installed)
 #   connrate          tunnels/s from TH_CR_CLIENTS addresses, no limits vs every limit
-#                     configured (caps, rate, bandwidth; none binding), TH_CR_PAIRS pairs a round
+#                     configured (caps, rate, bandwidth; none binding), TH_CR_PAIRS pairs a round,
+#                     each pair's order alternating (none/all, all/none) against drift
 # Loopback only, free ports; every process started here is stopped by PID on exit (also on
 # error); every step has a time limit. Knobs (environment, defaults in brackets):
 #   VEILGATE_BIN [target/release/veilgate, built here]  VEILGATE_BIN_B [unset]: second build
 #   TH_LABEL_A [veilgate, or A with B] TH_LABEL_B [B]   TH_RUNS [3] rounds   TH_SECS [10]
 #   TH_CLIENTS [100] TH_CONNS [200] TH_LIMIT [1048576]
 #   TH_BIG_CLIENTS [1000] TH_BIG_CONNS [2 per client if descriptors allow, else 1]
-#   TH_BIG_LIMIT [262144]
+#   TH_BIG_LIMIT [262144]  TH_SINGLE_LIMIT [4194304] TH_SINGLE_CONNS ["1 4 16"]
 #   TH_CR_CLIENTS [1000] TH_CR_CONC [50] TH_CR_TOTAL [20000] TH_CR_PAIRS [2] per round
 #   TH_CASES [down up big-down big-up free-down free-up squid connrate]
 #   TH_OUT [bench/results/STAMP-throttle]  TH_SKIP_BUILD [unset]: 1 = use the binaries built
@@ -47,6 +50,8 @@ TH_LIMIT=${TH_LIMIT:-1048576}
 TH_BIG_CLIENTS=${TH_BIG_CLIENTS:-1000}
 TH_BIG_LIMIT=${TH_BIG_LIMIT:-262144}
 TH_BIG_CONNS=${TH_BIG_CONNS:-}
+TH_SINGLE_LIMIT=${TH_SINGLE_LIMIT:-4194304}
+TH_SINGLE_CONNS=${TH_SINGLE_CONNS:-1 4 16}
 TH_CR_CLIENTS=${TH_CR_CLIENTS:-1000}
 TH_CR_CONC=${TH_CR_CONC:-50}
 TH_CR_TOTAL=${TH_CR_TOTAL:-20000}
@@ -62,12 +67,13 @@ log() { echo "[$(date +%T)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 is_uint() { [[ $1 =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
 
-for v in TH_RUNS TH_SECS TH_CLIENTS TH_CONNS TH_LIMIT TH_BIG_CLIENTS TH_BIG_LIMIT TH_CR_CLIENTS TH_CR_CONC TH_CR_TOTAL TH_CR_PAIRS; do
+for v in TH_RUNS TH_SECS TH_CLIENTS TH_CONNS TH_LIMIT TH_BIG_CLIENTS TH_BIG_LIMIT TH_SINGLE_LIMIT TH_CR_CLIENTS TH_CR_CONC TH_CR_TOTAL TH_CR_PAIRS; do
   is_uint "${!v}" || die "$v must be a positive integer, not '${!v}'"
 done
 [ -z "$TH_BIG_CONNS" ] || is_uint "$TH_BIG_CONNS" || die "TH_BIG_CONNS must be a positive integer"
+for n in $TH_SINGLE_CONNS; do is_uint "$n" || die "TH_SINGLE_CONNS: '$n' is not a positive integer"; done
 for c in $TH_CASES; do
-  case $c in down | up | big-down | big-up | free-down | free-up | squid | connrate) ;; *) die "unknown case '$c' in TH_CASES" ;; esac
+  case $c in down | up | big-down | big-up | free-down | free-up | single | squid | connrate) ;; *) die "unknown case '$c' in TH_CASES" ;; esac
 done
 # Client addresses are 127.0.1.2 upwards; keep well inside 127.0.0.0/8.
 for v in TH_CLIENTS TH_BIG_CLIENTS TH_CR_CLIENTS; do [ "${!v}" -le 60000 ] || die "$v: at most 60000 clients"; done
@@ -227,6 +233,7 @@ EOF
 }
 write_config "$TMP/small.toml" bandwidth "$TH_LIMIT"
 write_config "$TMP/big.toml" bandwidth "$TH_BIG_LIMIT"
+write_config "$TMP/single.toml" bandwidth "$TH_SINGLE_LIMIT"
 write_config "$TMP/none.toml" none
 write_config "$TMP/all.toml" all
 cp "$TMP"/*.toml "$TH_OUT/"
@@ -284,14 +291,15 @@ run_client() { # run_client CASE BUILD TIME_LIMIT TOOL ARGS...: one bounded clie
     '. + {case: $case, build: $build, proxy_name: $proxy, round: $round}' <<<"$line" >>"$TH_OUT/results.jsonl"
 }
 
-throttle_case() { # throttle_case CASE BUILD|squid
+throttle_case() { # throttle_case CASE BUILD|squid [CONNS]
   local case=$1 build=$2 dir target cfg addr conns limit=() pids lim name
   case $case in
-    *down) dir=down; target=127.0.0.1:$P_SOURCE ;;
+    *down*) dir=down; target=127.0.0.1:$P_SOURCE ;;
     *) dir=up; target=127.0.0.1:$P_SINK ;;
   esac
   case $case in
     big-*) cfg=$TMP/big.toml; addr=$ADDR_BIG; conns=$TH_BIG_CONNS; limit=(--limit "$TH_BIG_LIMIT") ;;
+    single-*) cfg=$TMP/single.toml; addr=127.0.1.2; conns=$3; limit=(--limit "$TH_SINGLE_LIMIT") ;;
     free-*) cfg=$TMP/none.toml; addr=$ADDR_SMALL; conns=$TH_CONNS ;;
     *) cfg=$TMP/small.toml; addr=$ADDR_SMALL; conns=$TH_CONNS; limit=(--limit "$TH_LIMIT") ;;
   esac
@@ -306,10 +314,13 @@ throttle_case() { # throttle_case CASE BUILD|squid
   stop_pid "$PROXY_PID"
 }
 
-connrate_case() { # one pair per build: no limits, then every limit configured
-  local build kind cfg
+CR_PAIR=0
+connrate_case() { # one pair per build: no limits and every limit configured, order alternating
+  local build kind cfg order=(none all)
+  CR_PAIR=$((CR_PAIR + 1))
+  if [ $((CR_PAIR % 2)) = 0 ]; then order=(all none); fi
   for build in "${BUILDS[@]}"; do
-    for kind in none all; do
+    for kind in "${order[@]}"; do
       cfg=$TMP/$kind.toml
       start_veilgate "$build" "$cfg"
       log "round $ROUND/$TH_RUNS: connrate ($kind limits) via $(label_of "$build")"
@@ -328,6 +339,11 @@ for ROUND in $(seq "$TH_RUNS"); do
     case $c in
       squid) if [ -n "$HAVE_SQUID" ]; then throttle_case down squid; fi ;;
       connrate) for _ in $(seq "$TH_CR_PAIRS"); do connrate_case; done ;;
+      single)
+        for n in $TH_SINGLE_CONNS; do
+          for d in down up; do for b in "${BUILDS[@]}"; do throttle_case "single-$d/$n" "$b" "$n"; done; done
+        done
+        ;;
       *) for b in "${BUILDS[@]}"; do throttle_case "$c" "$b"; done ;;
     esac
   done

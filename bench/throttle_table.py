@@ -63,7 +63,8 @@ def throttle_figures(r):
 
 
 def goal(case, f):
-    if case.startswith("free") or f["acc_min"] is None:
+    # Unthrottled runs have no bound; single-client runs are compared with the earlier build.
+    if case.startswith(("free", "single")) or f["acc_min"] is None:
         return ""
     miss = []
     if f["acc_min"] < ACC_LO or f["acc_max"] > ACC_HI:
@@ -88,7 +89,8 @@ def main(path):
     for r in rows:
         if r.get("test") == "throttle" and "error" not in r:
             groups.setdefault((r["case"], r["build"]), []).append(throttle_figures(r))
-    cases = [c for c in CASE_ORDER if any(k[0] == c for k in groups)]
+    seen = list(dict.fromkeys(k[0] for k in groups))
+    cases = [c for c in CASE_ORDER if c in seen] + [c for c in seen if c not in CASE_ORDER]
     print("| case | proxy | clients × tunnels, limit | accuracy per client (min / median / max) "
           "| per-tunnel max/min | MB/s | proxy CPU-s | CPU-s per GB (min–max) | goal | runs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
