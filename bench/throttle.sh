@@ -95,7 +95,7 @@ cleanup() {
   if [ -n "$TB_PID" ]; then stop_pid "$TB_PID"; fi
   for p in "${STARTED[@]}"; do stop_pid "$p"; done
   if [ -n "$TMP" ]; then
-    [ -f "$TMP/squid/cache.log" ] && cp "$TMP/squid/cache.log" "$TH_OUT/squid-cache.log" 2>/dev/null
+    [ -f "$TMP/squid/cache.log" ] && cat "$TMP/squid/cache.log" >>"$TH_OUT/squid-cache.log" 2>/dev/null
     rm -rf "$TMP"
   fi
   return 0
@@ -240,33 +240,53 @@ cp "$TMP"/*.toml "$TH_OUT/"
 
 PROXY_PID=""
 PROXY=""
+lines_of() { if [ -f "$1" ]; then wc -l <"$1"; else echo 0; fi; }
+
+# A free port is free when chosen; any connect() on the box may take it as its ephemeral port
+# before the proxy binds it. Such a start is retried on new ports (at most 5 tries).
 start_veilgate() { # start_veilgate BUILD CONFIG: sets PROXY_PID and PROXY
-  local p_proxy p_admin _
-  read -r p_proxy p_admin < <("$VG" free-ports --count 2)
-  "$TMP/veilgate-$1" run --config "$2" --listen "127.0.0.1:$p_proxy" --admin-listen "127.0.0.1:$p_admin" >>"$TH_OUT/veilgate-$1.log" 2>&1 &
-  PROXY_PID=$!
-  STARTED+=("$PROXY_PID")
-  PROXY=127.0.0.1:$p_proxy
-  for _ in $(seq 150); do
-    if http_ok "$p_admin" /readyz; then return 0; fi
-    kill -0 "$PROXY_PID" 2>/dev/null || die "veilgate $1 exited at start: $(tail -3 "$TH_OUT/veilgate-$1.log")"
-    sleep 0.1
+  local p_proxy p_admin _ try from lg=$TH_OUT/veilgate-$1.log
+  for try in 1 2 3 4 5; do
+    read -r p_proxy p_admin < <("$VG" free-ports --count 2)
+    from=$(($(lines_of "$lg") + 1))
+    "$TMP/veilgate-$1" run --config "$2" --listen "127.0.0.1:$p_proxy" --admin-listen "127.0.0.1:$p_admin" >>"$lg" 2>&1 &
+    PROXY_PID=$!
+    STARTED+=("$PROXY_PID")
+    PROXY=127.0.0.1:$p_proxy
+    for _ in $(seq 150); do
+      if http_ok "$p_admin" /readyz; then return 0; fi
+      kill -0 "$PROXY_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -0 "$PROXY_PID" 2>/dev/null && die "veilgate $1 not ready within 15 s: $(tail -3 "$lg")"
+    stop_pid "$PROXY_PID"
+    tail -n +"$from" "$lg" | grep -q "Address already in use" || die "veilgate $1 exited at start: $(tail -3 "$lg")"
+    log "veilgate $1: a chosen port was taken before it bound it (try $try), choosing new ports"
   done
-  die "veilgate $1 not ready within 15 s: $(tail -3 "$TH_OUT/veilgate-$1.log")"
+  die "veilgate $1: no free ports in 5 tries"
 }
 
 start_squid() { # sets PROXY_PID and PROXY; Squid's scratch directory is $TMP/squid
-  local port d=$TMP/squid
-  read -r port < <("$VG" free-ports --count 1)
-  rm -rf "$d" && mkdir -p "$d" && chmod 777 "$d"
-  sed -e "s#@PORT@#$port#g" -e "s#@SCR@#$d#g" -e "s#@RATE@#$TH_LIMIT#g" "$HERE/squid-delaypool.conf.in" >"$d/squid.conf"
-  chmod 644 "$d/squid.conf"
-  cp "$d/squid.conf" "$TH_OUT/squid.conf"
-  "$SQUID_BIN" -N -f "$d/squid.conf" >>"$TH_OUT/squid.out.log" 2>&1 &
-  PROXY_PID=$!
-  STARTED+=("$PROXY_PID")
-  PROXY=127.0.0.1:$port
-  wait_port "$port" "$PROXY_PID" || die "squid did not start: $(tail -3 "$TH_OUT/squid.out.log") $(tail -3 "$d/cache.log" 2>/dev/null)"
+  local port d=$TMP/squid try from
+  for try in 1 2 3 4 5; do
+    read -r port < <("$VG" free-ports --count 1)
+    from=$(($(lines_of "$TH_OUT/squid.out.log") + 1))
+    rm -rf "$d" && mkdir -p "$d" && chmod 777 "$d"
+    sed -e "s#@PORT@#$port#g" -e "s#@SCR@#$d#g" -e "s#@RATE@#$TH_LIMIT#g" "$HERE/squid-delaypool.conf.in" >"$d/squid.conf"
+    chmod 644 "$d/squid.conf"
+    cp "$d/squid.conf" "$TH_OUT/squid.conf"
+    "$SQUID_BIN" -N -f "$d/squid.conf" >>"$TH_OUT/squid.out.log" 2>&1 &
+    PROXY_PID=$!
+    STARTED+=("$PROXY_PID")
+    PROXY=127.0.0.1:$port
+    if wait_port "$port" "$PROXY_PID"; then return 0; fi
+    stop_pid "$PROXY_PID"
+    cat "$d/cache.log" >>"$TH_OUT/squid-cache.log" 2>/dev/null || true
+    { cat "$d/cache.log" 2>/dev/null; tail -n +"$from" "$TH_OUT/squid.out.log"; } | grep -q "Address already in use" ||
+      die "squid did not start: $(tail -3 "$TH_OUT/squid.out.log") $(tail -3 "$d/cache.log" 2>/dev/null)"
+    log "squid: its port was taken before it bound it (try $try), choosing a new one"
+  done
+  die "squid: no free port in 5 tries"
 }
 
 acct_pids() { # the proxy and its direct children (none expected), comma-separated
