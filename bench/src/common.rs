@@ -186,12 +186,34 @@ pub async fn open_tunnel(
     target: &str,
     target_addr: SocketAddr,
 ) -> io::Result<(TcpStream, Vec<u8>)> {
+    open_tunnel_from(None, proxy, target, target_addr).await
+}
+
+/// Connect to `to`, from the loopback source address `from` when given: one process can
+/// then stand for many clients, as a proxy keys its per-client limits by source address.
+pub async fn connect_from(from: Option<IpAddr>, to: SocketAddr) -> io::Result<TcpStream> {
+    let Some(ip) = from else { return TcpStream::connect(to).await };
+    if !ip.is_loopback() {
+        return Err(err(format!("--bind {ip}: only loopback source addresses are allowed")));
+    }
+    let sock = if to.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    sock.bind(SocketAddr::new(ip, 0))?;
+    sock.connect(to).await
+}
+
+/// As [`open_tunnel`], with the client socket bound to the source address `from`.
+pub async fn open_tunnel_from(
+    from: Option<IpAddr>,
+    proxy: Option<SocketAddr>,
+    target: &str,
+    target_addr: SocketAddr,
+) -> io::Result<(TcpStream, Vec<u8>)> {
     let Some(p) = proxy else {
-        let s = TcpStream::connect(target_addr).await?;
+        let s = connect_from(from, target_addr).await?;
         s.set_nodelay(true)?;
         return Ok((s, Vec::new()));
     };
-    let mut s = TcpStream::connect(p).await?;
+    let mut s = connect_from(from, p).await?;
     s.set_nodelay(true)?;
     s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await?;
     let mut buf = Vec::with_capacity(256);

@@ -67,6 +67,10 @@ pub struct ConnrateArgs {
     /// Stop starting new tunnels after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub max_secs: u64,
+    /// Loopback source addresses (comma-separated), used round-robin by tunnel number, so
+    /// one run acts as many clients (bench/throttle.sh passes 1,000).
+    #[arg(long, value_delimiter = ',')]
+    pub bind: Vec<std::net::IpAddr>,
 }
 
 #[derive(Args)]
@@ -319,7 +323,11 @@ pub async fn throughput(a: ThroughputArgs) -> io::Result<()> {
 // ---------------------------------------------------------------- connrate
 
 async fn one_echo_tunnel(c: &Ctx, byte: u8) -> io::Result<tokio::net::TcpStream> {
-    let (mut s, rest) = open_tunnel(c.proxy, &c.target, c.target_addr).await?;
+    one_echo_tunnel_from(None, c, byte).await
+}
+
+async fn one_echo_tunnel_from(from: Option<std::net::IpAddr>, c: &Ctx, byte: u8) -> io::Result<tokio::net::TcpStream> {
+    let (mut s, rest) = open_tunnel_from(from, c.proxy, &c.target, c.target_addr).await?;
     if !rest.is_empty() {
         return Err(err("unexpected bytes after the CONNECT answer"));
     }
@@ -334,8 +342,9 @@ pub async fn connrate(a: ConnrateArgs) -> io::Result<()> {
     let t0 = Instant::now();
     let stop_at = t0 + Duration::from_secs(a.max_secs);
     let mut hs = Vec::new();
+    let bind = Arc::new(a.bind.clone());
     for _ in 0..a.conns.max(1) {
-        let (c, next, total) = (c.clone(), next.clone(), a.total);
+        let (c, next, total, bind) = (c.clone(), next.clone(), a.total, bind.clone());
         hs.push(tokio::spawn(async move {
             let (mut lat, mut errs) = (Vec::new(), Vec::<String>::new());
             loop {
@@ -343,8 +352,9 @@ pub async fn connrate(a: ConnrateArgs) -> io::Result<()> {
                 if i >= total || Instant::now() > stop_at {
                     break;
                 }
+                let from = (!bind.is_empty()).then(|| bind[i % bind.len()]);
                 let t = Instant::now();
-                match timeout(c.op, one_echo_tunnel(&c, check_byte(i))).await {
+                match timeout(c.op, one_echo_tunnel_from(from, &c, check_byte(i))).await {
                     Ok(Ok(s)) => {
                         lat.push(t.elapsed().as_secs_f64() * 1e6);
                         drop(s);
@@ -369,6 +379,7 @@ pub async fn connrate(a: ConnrateArgs) -> io::Result<()> {
     let mut m = base_json("connrate", &a.c);
     m.insert("conns".into(), json!(a.conns));
     m.insert("total".into(), json!(a.total));
+    m.insert("clients".into(), json!(a.bind.len().max(1)));
     m.insert("ok".into(), json!(lat.len()));
     m.insert("errors".into(), json!(errs.len()));
     m.insert("first_error".into(), json!(errs.first()));
