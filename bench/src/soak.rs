@@ -312,10 +312,14 @@ async fn run(a: &SoakArgs, vg: &mut Veilgate, reg: Arc<Registry>, addrs: [Socket
     let mut failures = Vec::new();
     let join_limit = stop_at + Duration::from_secs(120);
     let mut unfinished = set.len();
+    let mut ended: BTreeMap<&'static str, f64> = BTreeMap::new();
     while let Ok(Some(r)) = timeout_at(join_limit, set.join_next()).await {
         unfinished -= 1;
-        if let Err(e) = r {
-            failures.push(format!("a load task failed: {e}"));
+        match r {
+            Ok(name) => {
+                ended.insert(name, r2(start.elapsed().as_secs_f64()));
+            }
+            Err(e) => failures.push(format!("a load task failed: {e}")),
         }
     }
     if unfinished > 0 {
@@ -350,7 +354,10 @@ async fn run(a: &SoakArgs, vg: &mut Veilgate, reg: Arc<Registry>, addrs: [Socket
     let metrics = child::http_get(vg.admin, "/metrics").map(|(_, b)| b).unwrap_or_default();
 
     let report = Report { a, base: &base, after: &after, points: &points, load_end, burst: burst.as_ref(), cpu };
-    Ok(report.build(&load, &metrics, failures))
+    let mut out = report.build(&load, &metrics, failures);
+    // When each class's last client finished (the slow ones drain after the load's end).
+    out.0.insert("class_ended_at_s".into(), json!(ended));
+    Ok(out)
 }
 
 fn take_point(
@@ -628,7 +635,20 @@ impl Report<'_> {
         } else if active != 0.0 {
             failures.push(format!("veilgate_tunnels_active is {active} after the settle"));
         }
-        human += &format!("\n  metrics after settle: tunnels_active {active}, tunnels_total {outcomes:?}");
+        // Every refusal the soak provoked, counted once under its reason, and no other.
+        let counted: BTreeMap<String, u64> = refusals
+            .iter()
+            .map(|(labels, v)| (labels.trim_start_matches("{reason=\"").trim_end_matches("\"}").to_string(), *v as u64))
+            .collect();
+        let expected: BTreeMap<String, u64> =
+            load.stats.refusals().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        if !metrics.is_empty() && counted != expected {
+            failures.push(format!("veilgate_refusals_total {counted:?}, but the soak provoked {expected:?}"));
+        }
+        human += &format!(
+            "\n  metrics after settle: tunnels_active {active}, tunnels_total {outcomes:?}, refusals {counted:?} (as provoked: {})",
+            counted == expected
+        );
         (m, human, failures)
     }
 }
