@@ -233,7 +233,7 @@ async fn run(a: &SoakArgs, vg: &mut Veilgate, reg: Arc<Registry>, addrs: [Socket
     let pid = vg.pid;
     // Baseline: the proxy at rest, ready, its listeners bound.
     sleep(Duration::from_millis(1000)).await;
-    let (base, _) = procfs::sample(pid, true).ok_or_else(|| err("cannot read /proc for veilgate"))?;
+    let (base, _) = procfs::sample(pid).ok_or_else(|| err("cannot read /proc for veilgate"))?;
     let start = Instant::now();
     let stop_at = start + Duration::from_secs(a.seconds);
     let cpu0 = (proc_sample(&[pid]).map(|p| p.cpu_s), self_cpu());
@@ -347,7 +347,7 @@ async fn run(a: &SoakArgs, vg: &mut Veilgate, reg: Arc<Registry>, addrs: [Socket
     }
     // Settle, then the final look.
     sleep(Duration::from_secs(a.settle)).await;
-    let after = procfs::sample(pid, true).map(|x| x.0).ok_or_else(|| err("cannot read /proc for veilgate"))?;
+    let after = procfs::sample(pid).map(|x| x.0).ok_or_else(|| err("cannot read /proc for veilgate"))?;
     stop_sampling.store(true, Relaxed);
     let _ = sampler.join();
     let points = std::mem::take(&mut *points.lock().expect("points"));
@@ -372,7 +372,7 @@ fn take_point(
     // makes the in-flight figure smaller, never larger.
     let written: Vec<(u64, u64)> =
         watched.iter().map(|s| (s.client_written.load(Relaxed), s.origin_written.load(Relaxed))).collect();
-    let (s, table) = procfs::sample(pid, true)?;
+    let (s, table) = procfs::sample(pid)?;
     let mut p = Point { t, s, held_other: i64::MIN, held_kernel: 0, held_total: 0, watched: 0 };
     let (Some(proxy), Some(origin)) = (proxy, origin) else { return Some(p) };
     for (st, (cw, ow)) in watched.iter().zip(written) {
@@ -420,10 +420,7 @@ impl Report<'_> {
 
     /// The RSS sample nearest to `t` seconds (0 when there is none).
     fn rss_at(&self, t: f64) -> u64 {
-        self.points
-            .iter()
-            .min_by(|x, y| (x.t - t).abs().total_cmp(&(y.t - t).abs()))
-            .map_or(0, |p| p.s.rss_kib)
+        self.points.iter().min_by(|x, y| (x.t - t).abs().total_cmp(&(y.t - t).abs())).map_or(0, |p| p.s.rss_kib)
     }
 
     fn build(&self, load: &Load, metrics: &str, mut failures: Vec<String>) -> Outcome {
@@ -461,9 +458,17 @@ impl Report<'_> {
                 o.insert((*k).into(), v.clone());
             }
             cj.insert((*name).into(), Value::Object(o));
-            line.push(if c.failed > 0 { format!("{name} {}/{} FAILED", c.ok, c.ok + c.failed) } else { format!("{name} {}", c.ok) });
+            line.push(if c.failed > 0 {
+                format!("{name} {}/{} FAILED", c.ok, c.ok + c.failed)
+            } else {
+                format!("{name} {}", c.ok)
+            });
             if c.failed > 0 {
-                failures.push(format!("{name}: {} failed; first: {}", c.failed, c.errors.first().cloned().unwrap_or_default()));
+                failures.push(format!(
+                    "{name}: {} failed; first: {}",
+                    c.failed,
+                    c.errors.first().cloned().unwrap_or_default()
+                ));
             }
         }
         for need in ["integrity", "churn", "garbage_head", "slowloris", "silent_connection"] {
@@ -510,11 +515,13 @@ impl Report<'_> {
             ("pipe descriptors", self.base.pipes, self.after.pipes),
         ] {
             if x > b + tol {
-                failures.push(format!("{what} not back to baseline {} s after the load: {b} -> {x} (tolerance {tol})", a.settle));
+                failures.push(format!(
+                    "{what} not back to baseline {} s after the load: {b} -> {x} (tolerance {tol})",
+                    a.settle
+                ));
             }
         }
-        let lingering: u64 =
-            self.after.states.iter().filter(|(k, _)| **k != "LISTEN").map(|(_, v)| *v).sum();
+        let lingering: u64 = self.after.states.iter().filter(|(k, _)| **k != "LISTEN").map(|(_, v)| *v).sum();
         human += &format!(
             "\n  proxy baseline/peak/after-settle: fds {}/{}/{}, sockets {}/{}/{}, pipes {}/{}/{}, threads {}/{}/{}, RSS {}/{}/{} KiB; back to baseline {}",
             self.base.fds,
@@ -607,7 +614,10 @@ impl Report<'_> {
             a.max_held_kib,
         );
         if per_tunnel > a.max_rss_kib_per_tunnel as f64 {
-            failures.push(format!("RSS grew {per_tunnel:.0} KiB per tunnel before the burst (bound {})", a.max_rss_kib_per_tunnel));
+            failures.push(format!(
+                "RSS grew {per_tunnel:.0} KiB per tunnel before the burst (bound {})",
+                a.max_rss_kib_per_tunnel
+            ));
         }
         match held_other {
             Some(x) if x > (a.max_held_kib * 1024) as i64 => failures.push(format!(
@@ -621,14 +631,10 @@ impl Report<'_> {
 
         // The proxy's own account.
         let active = child::metric_sum(metrics, "veilgate_tunnels_active");
-        let refusals: BTreeMap<String, f64> = child::metric_samples(metrics, "veilgate_refusals_total")
-            .into_iter()
-            .filter(|(_, v)| *v > 0.0)
-            .collect();
-        let outcomes: BTreeMap<String, f64> = child::metric_samples(metrics, "veilgate_tunnels_total")
-            .into_iter()
-            .filter(|(_, v)| *v > 0.0)
-            .collect();
+        let refusals: BTreeMap<String, f64> =
+            child::metric_samples(metrics, "veilgate_refusals_total").into_iter().filter(|(_, v)| *v > 0.0).collect();
+        let outcomes: BTreeMap<String, f64> =
+            child::metric_samples(metrics, "veilgate_tunnels_total").into_iter().filter(|(_, v)| *v > 0.0).collect();
         m.insert("metrics".into(), json!({"tunnels_active": active, "refusals": refusals, "tunnels_total": outcomes}));
         if metrics.is_empty() {
             failures.push("could not read /metrics after the settle".into());

@@ -116,28 +116,23 @@ pub struct Sample {
     pub queued: u64,
 }
 
-/// Samples the proxy; also returns the TCP table, indexed by (local, remote), for callers that
-/// look up particular connections in it.
-pub fn sample(pid: u32, with_tcp: bool) -> Option<(Sample, HashMap<(SocketAddrV4, SocketAddrV4), TcpLine>)> {
+/// The namespace's TCP sockets by (local, remote) address.
+pub type TcpTable = HashMap<(SocketAddrV4, SocketAddrV4), TcpLine>;
+
+/// Samples the proxy; also returns the TCP table, for callers that look up particular
+/// connections in it.
+pub fn sample(pid: u32) -> Option<(Sample, TcpTable)> {
     let f = fds(pid)?;
     let (rss_kib, threads) = status(pid)?;
-    let mut s = Sample {
-        fds: f.total,
-        sockets: f.sockets.len() as u64,
-        pipes: f.pipes,
-        threads,
-        rss_kib,
-        ..Sample::default()
-    };
+    let mut s =
+        Sample { fds: f.total, sockets: f.sockets.len() as u64, pipes: f.pipes, threads, rss_kib, ..Sample::default() };
     let mut by_pair = HashMap::new();
-    if with_tcp {
-        for l in tcp_table(pid) {
-            if f.sockets.contains(&l.inode) {
-                *s.states.entry(state_name(l.state)).or_default() += 1;
-                s.queued += l.tx_queue + l.rx_queue;
-            }
-            by_pair.insert((l.local, l.remote), l);
+    for l in tcp_table(pid) {
+        if f.sockets.contains(&l.inode) {
+            *s.states.entry(state_name(l.state)).or_default() += 1;
+            s.queued += l.tx_queue + l.rx_queue;
         }
+        by_pair.insert((l.local, l.remote), l);
     }
     Some((s, by_pair))
 }
