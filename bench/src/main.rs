@@ -12,6 +12,7 @@ mod origin;
 mod pki;
 mod report;
 mod servers;
+mod soak;
 mod tlsclient;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +52,8 @@ enum Cmd {
     FreePorts(report::FreePortsArgs),
     /// The floor: a minimal blocking splice relay to one fixed target, no CONNECT, as a yardstick.
     Floor(floor::FloorArgs),
+    /// Soak and chaos: start veilgate, run every kind of load at once, check it gives all back.
+    Soak(soak::SoakArgs),
 }
 
 fn main() {
@@ -73,11 +76,15 @@ fn main() {
             Cmd::Table(a) => report::table(a),
             Cmd::FreePorts(a) => report::free_ports(a),
             Cmd::Floor(a) => floor::floor(a),
+            Cmd::Soak(a) => soak::soak(a).await,
         }
     });
     // Servers' and clients' tasks may still hold sockets: leave at once either way.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     if let Err(e) = r {
+        if e.get_ref().is_some_and(|e| e.is::<soak::Reported>()) {
+            std::process::exit(1);
+        }
         println!("{}", serde_json::json!({"tool": "vgbench", "error": e.to_string()}));
         eprintln!("error: {e}");
         std::process::exit(1);
