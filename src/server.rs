@@ -7,17 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::context::{Context, LoadError, Shared};
-use crate::error::Refusal;
-use crate::limits::pending::{PendingPermit, PendingRefusal};
-use crate::reply;
-use crate::tunnel::Tunnel;
-use crate::{admin, dial};
+use crate::{admin, dial, front};
 
 /// How long tunnels get after the drain deadline to notice they were closed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -214,11 +210,7 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Context>,
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 ctx.metrics.accepted(addr);
-                let max_pending = ctx.shared().config.server.max_pending;
-                match ctx.pending.enter(ctx.governor.key_for(peer.ip()), max_pending) {
-                    Ok(permit) => spawn_tunnel(&tracker, Arc::clone(&ctx), stream, peer, permit),
-                    Err(why) => turn_away(&ctx, &stream, why),
-                }
+                front::h1::accepted(&ctx, &tracker, stream, peer);
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {
@@ -234,30 +226,6 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Context>,
             }
         }
     }
-}
-
-fn spawn_tunnel(tracker: &TaskTracker, ctx: Arc<Context>, stream: TcpStream, peer: SocketAddr, permit: PendingPermit) {
-    let span = info_span!("conn", id = next_id());
-    tracker.spawn(Tunnel::new(ctx, stream, peer, Some(permit)).run().instrument(span));
-}
-
-/// Over the head-phase bounds: answer at once without reading (a non-blocking write into an
-/// empty socket buffer) and close. Counted; logged at debug only, because this is the path a
-/// flood takes and a log line per connection would be its amplifier.
-fn turn_away(ctx: &Context, stream: &TcpStream, why: PendingRefusal) {
-    let refusal = match why {
-        PendingRefusal::Global => Refusal::PendingCap,
-        PendingRefusal::ClientShare | PendingRefusal::ClientLate => Refusal::ClientPendingCap,
-    };
-    let _ = stream.try_write(&reply::refusal(&refusal, None));
-    ctx.metrics.refused(&refusal);
-    tracing::debug!(pending = ctx.pending.count(), reason = refusal.reason(), "turned away before the head");
-}
-
-fn next_id() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// An accept error that concerns one connection only (the listener needs no back-off).

@@ -2,98 +2,84 @@
 //! DESIGN §1; each phase lives in its own module, and this file only sequences them, answers
 //! refusals, and reports the outcome once.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::auth::Verdict;
-use crate::config::{ClientAddressLog, Mode, ServerConfig};
-use crate::connect::{self, ConnectRequest, HeadError};
+use crate::config::{ClientAddressLog, Mode};
+use crate::connect::ConnectRequest;
 use crate::context::{Context, Shared};
 use crate::dial::{self, Egress};
 use crate::error::Refusal;
+use crate::front::{ClientConn, ClientId, ClientIo};
 use crate::limits::pending::PendingPermit;
 use crate::limits::{Admission, ClientKey, Direction};
 use crate::meter::{ActiveGuard, Meter};
 use crate::mitm::observe::Observer;
 use crate::policy::route;
 use crate::relay::{self, End};
-use crate::reply;
 use crate::target::Target;
 
-/// A client connection being served.
-pub struct Tunnel {
+/// A client connection whose head has been read, being served.
+pub struct Tunnel<C> {
     ctx: Arc<Context>,
-    client: TcpStream,
-    peer: SocketAddr,
+    conn: C,
+    client: ClientId,
     /// Held while the connection is in its head phase (until admission).
     pending: Option<PendingPermit>,
 }
 
-impl Tunnel {
-    /// Wraps an accepted connection.
-    pub fn new(ctx: Arc<Context>, client: TcpStream, peer: SocketAddr, pending: Option<PendingPermit>) -> Tunnel {
-        Tunnel { ctx, client, peer, pending }
+impl<C: ClientConn> Tunnel<C> {
+    /// Takes over a connection from its front, after the head.
+    pub fn new(ctx: Arc<Context>, conn: C, client: ClientId, pending: Option<PendingPermit>) -> Tunnel<C> {
+        Tunnel { ctx, conn, client, pending }
     }
 
-    /// Serves the connection to its end.
-    pub async fn run(mut self) {
+    /// Serves `req` to the tunnel's end, under the snapshot `shared` the head was read with.
+    pub async fn run(mut self, shared: Arc<Shared>, req: ConnectRequest) {
         let ctx = Arc::clone(&self.ctx);
-        let shared = ctx.shared();
         let server = &shared.config.server;
-        let head = tokio::select! {
-            head = self.read_head(server) => head,
-            // Draining: a client that has not finished its head has been promised nothing.
-            () = ctx.draining.cancelled() => return,
-        };
-        let req = match head {
-            Ok(req) => req,
-            Err(HeadError::Closed) => {
-                debug!("client closed before a complete head");
-                return;
-            }
-            Err(HeadError::Refuse(r)) => return self.refuse(r, None).await,
-        };
         let key = match &shared.auth {
-            None => ctx.governor.key_for(self.peer.ip()),
+            None => ctx.governor.key_for(self.client.addr.ip()),
             Some(auth) => {
-                let from = ctx.governor.key_for(self.peer.ip());
+                let from = ctx.governor.key_for(self.client.addr.ip());
                 match auth
                     .check(req.proxy_authorization.as_deref(), &from, &ctx.governor, &ctx.metrics.auth_hashes)
                     .await
                 {
                     Verdict::User(user) => ClientKey::User(user),
-                    Verdict::Denied => return self.refuse(Refusal::AuthRequired, Some(&req)).await,
-                    Verdict::Busy => return self.refuse(Refusal::AuthBusy, Some(&req)).await,
+                    Verdict::Denied => return self.refuse(Refusal::AuthRequired, &req).await,
+                    Verdict::Busy => return self.refuse(Refusal::AuthBusy, &req).await,
                     Verdict::TooManyAttempts { retry_after } => {
-                        return self.refuse(Refusal::AuthAttempts { retry_after }, Some(&req)).await;
+                        return self.refuse(Refusal::AuthAttempts { retry_after }, &req).await;
                     }
                 }
             }
         };
         let route = route::lookup(&shared.config.routes, &req.target);
         if route.mode == Mode::Deny {
-            return self.refuse(Refusal::RouteDenied, Some(&req)).await;
+            return self.refuse(Refusal::RouteDenied, &req).await;
         }
         let admission = match ctx.governor.admit(&key, route.route) {
             Ok(a) => a,
-            Err(r) => return self.refuse(r, Some(&req)).await,
+            Err(r) => return self.refuse(r, &req).await,
         };
         // Admitted: from here on the tunnel caps count this connection.
         self.pending = None;
         if let Err(r) = shared.acl.check_target(&req.target) {
-            return self.refuse(r, Some(&req)).await;
+            return self.refuse(r, &req).await;
         }
         let upstream = match shared.dialer.dial(&req.target, Egress::default()).await {
             Ok(d) => d,
-            Err(e) => return self.refuse(e.refusal(), Some(&req)).await,
+            Err(e) => return self.refuse(e.refusal(), &req).await,
         };
-        if let Some(bytes) = admission.receive_buffer(Direction::Up) {
-            dial::set_receive_buffer(&self.client, bytes);
+        if let (Some(bytes), Some(tcp)) = (admission.receive_buffer(Direction::Up), self.conn.tcp()) {
+            dial::set_receive_buffer(tcp, bytes);
         }
         if let Some(bytes) = admission.receive_buffer(Direction::Down) {
             dial::set_receive_buffer(&upstream.stream, bytes);
@@ -102,66 +88,63 @@ impl Tunnel {
         if let Some(t) = upstream.lookup_time {
             ctx.metrics.dns_lookup.record(t.as_secs_f64());
         }
-        if self.client.write_all(reply::established(req.minor_version)).await.is_err() {
+        if self.conn.established(req.minor_version).await.is_err() {
             debug!("client left before the 200");
             return;
         }
         let idle = server.idle_timeout.0;
         let handshake_deadline = server.header_timeout.0;
-        let Tunnel { client, peer, .. } = self;
-        let report = Report { ctx: Arc::clone(&ctx), peer, target: req.target.clone(), mode: route.mode };
+        let Tunnel { conn, client, .. } = self;
+        let client_io = conn.into_io();
+        let report = Report { ctx: Arc::clone(&ctx), client, target: req.target.clone(), mode: route.mode };
         match route.mode {
             // Boxed: the TLS handshakes' state is large, and a blind tunnel should not carry
             // room for it for its whole life.
             Mode::Mitm => {
-                let conn = (client, req.leftover, upstream.stream);
+                let conn = (client_io, req.leftover, upstream.stream);
                 Box::pin(report.intercept(shared, conn, admission, idle, handshake_deadline)).await;
             }
             Mode::Tunnel | Mode::Deny => {
                 drop(shared);
-                report.relay_tcp(client, upstream.stream, req.leftover, admission, idle).await;
+                report.relay_blind(client_io, upstream.stream, req.leftover, admission, idle).await;
             }
         }
     }
 
-    /// Reads the CONNECT head. A head still incomplete after the grace is late and counts
-    /// against the client's bound of late heads (see `limits::pending`), which refuses it when
-    /// the client is at that bound. The grace timer is never registered when the head is
-    /// already there on the first read, which is the common case.
-    async fn read_head(&mut self, server: &ServerConfig) -> Result<ConnectRequest, HeadError> {
-        let read = connect::read_head(&mut self.client, server.max_header_bytes, server.header_timeout.0);
-        tokio::pin!(read);
-        if let Ok(head) = tokio::time::timeout(server.late_head_after(), &mut read).await {
-            return head;
-        }
-        if let Some(pending) = self.pending.as_mut() {
-            pending.late(server.max_pending_per_client).map_err(|_| HeadError::Refuse(Refusal::ClientPendingCap))?;
-        }
-        read.await
+    async fn refuse(&mut self, refusal: Refusal, req: &ConnectRequest) {
+        refuse(&self.ctx, &mut self.conn, &self.client, refusal, Some(req)).await;
     }
+}
 
-    /// Answers a refusal, counts it and logs it once (within the refusal log's rate limit).
-    async fn refuse(mut self, refusal: Refusal, req: Option<&ConnectRequest>) {
-        let shared = self.ctx.shared();
-        reply::send_refusal(&mut self.client, &refusal, shared.auth.as_ref().map(|a| a.realm())).await;
-        self.ctx.metrics.refused(&refusal);
-        if !self.ctx.refusal_log.allow(refusal.reason()) {
-            return;
-        }
-        info!(
-            client = client_field(self.peer.ip(), self.ctx.log_client()).as_deref(),
-            target = req.map(|r| r.target.to_string()).as_deref(),
-            status = refusal.status(),
-            reason = refusal.reason(),
-            "refused: {refusal}"
-        );
+/// Answers a refusal in the client's front protocol, counts it and logs it once (within the
+/// refusal log's rate limit). The one way a refusal reaches a client once its connection has
+/// a task: the head phase and the tunnel's phases both come here.
+pub(crate) async fn refuse<C: ClientConn>(
+    ctx: &Context,
+    conn: &mut C,
+    client: &ClientId,
+    refusal: Refusal,
+    req: Option<&ConnectRequest>,
+) {
+    let shared = ctx.shared();
+    conn.refuse(&refusal, shared.auth.as_ref().map(|a| a.realm())).await;
+    ctx.metrics.refused(&refusal);
+    if !ctx.refusal_log.allow(refusal.reason()) {
+        return;
     }
+    info!(
+        client = client_field(client.addr.ip(), ctx.log_client()).as_deref(),
+        target = req.map(|r| r.target.to_string()).as_deref(),
+        status = refusal.status(),
+        reason = refusal.reason(),
+        "refused: {refusal}"
+    );
 }
 
 /// Reports a tunnel's relay and its end, once.
 struct Report {
     ctx: Arc<Context>,
-    peer: SocketAddr,
+    client: ClientId,
     target: Target,
     mode: Mode,
 }
@@ -193,10 +176,10 @@ impl Report {
     }
 
     /// An interception: both handshakes, then the plaintext relay with observation.
-    async fn intercept(
+    async fn intercept<Io: ClientIo>(
         self,
         shared: Arc<Shared>,
-        (client, leftover, upstream): (TcpStream, Vec<u8>, TcpStream),
+        (client, leftover, upstream): (Io, Vec<u8>, TcpStream),
         admission: Admission,
         idle: Duration,
         deadline: Duration,
@@ -224,7 +207,7 @@ impl Report {
             Err(e) => {
                 ctx.metrics.tls_handshake_failed(e.side());
                 warn!(
-                    client = client_field(self.peer.ip(), ctx.log_client()).as_deref(),
+                    client = client_field(self.client.addr.ip(), ctx.log_client()).as_deref(),
                     target = %self.target,
                     side = e.side(),
                     // Quoted in text logs: it can carry the client's SNI or the origin's names.
@@ -236,29 +219,30 @@ impl Report {
         }
     }
 
-    /// A blind tunnel: zero-copy on Linux, the portable relay elsewhere.
-    async fn relay_tcp(
+    /// A blind tunnel. The IO types choose the relay: a bare TCP client on Linux is spliced
+    /// (zero-copy), any other client stream (or platform) goes through the portable relay.
+    async fn relay_blind<Io: ClientIo>(
         self,
-        client: TcpStream,
+        client: Io,
         upstream: TcpStream,
         first_up: Vec<u8>,
         admission: Admission,
         idle: Duration,
     ) {
         #[cfg(target_os = "linux")]
-        {
+        if let Some(tcp) = client.tcp() {
             let started = Instant::now();
             let (_active, mut up, mut down) = self.instruments(&admission, None);
             let end =
-                crate::splice::relay_tcp(&client, &upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
+                crate::splice::relay_tcp(tcp, &upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
             self.ended(end, started, up.total, down.total);
             drop(admission);
+            return;
         }
-        #[cfg(not(target_os = "linux"))]
-        {
-            let (mut client, mut upstream) = (client, upstream);
-            self.relay(client.split(), upstream.split(), first_up, admission, idle, None).await;
-        }
+        let mut upstream = upstream;
+        // Boxed: on TCP clients this path is never taken, and inline it would grow every
+        // tunnel's state by its size.
+        Box::pin(self.relay(tokio::io::split(client), upstream.split(), first_up, admission, idle, None)).await;
     }
 
     /// The active-tunnel guard and both directions' meters (with observers, in MITM mode).
@@ -274,7 +258,7 @@ impl Report {
         let duration = started.elapsed();
         self.ctx.metrics.tunnel_ended(self.mode, end.as_str(), duration);
         info!(
-            client = client_field(self.peer.ip(), self.ctx.log_client()).as_deref(),
+            client = client_field(self.client.addr.ip(), self.ctx.log_client()).as_deref(),
             target = %self.target,
             mode = self.mode.as_str(),
             outcome = end.as_str(),
@@ -330,8 +314,10 @@ mod size {
         let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let shared = Shared::build(Config::default(), &[]).unwrap();
         let ctx = std::sync::Arc::new(Context::new(shared, vec![], &[]));
-        let fut = super::Tunnel::new(ctx, c, "127.0.0.1:1".parse().unwrap(), None).run();
+        let client = crate::front::ClientId { addr: "127.0.0.1:1".parse().unwrap() };
+        let fut = crate::front::h1::serve(ctx, c, client, None);
         let size = std::mem::size_of_val(&fut);
+        eprintln!("tunnel future: {size} bytes");
         assert!(size < 4 * 1024, "tunnel future is {size} bytes");
     }
 }
