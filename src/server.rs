@@ -106,9 +106,9 @@ impl Proxy {
         }
         let sweeper = {
             let ctx2 = Arc::clone(&ctx);
-            ctx.governor.start_sweeper(move |clients, rate| {
+            ctx.governor.local().start_sweeper(move |clients, rate| {
                 ctx2.metrics.limiter_keys(clients, rate);
-                ctx2.metrics.auth_attempt_keys(ctx2.governor.auth_attempt_keys());
+                ctx2.metrics.auth_attempt_keys(ctx2.governor.local().auth_attempt_keys());
             })
         };
         let upkeep = {
@@ -180,7 +180,7 @@ impl Controller {
 
     /// Active tunnels of the client at `ip` (under the current `ipv6_prefix`).
     pub fn active_for_ip(&self, ip: std::net::IpAddr) -> u32 {
-        self.ctx.governor.active_for(&self.ctx.governor.key_for(ip))
+        self.ctx.governor.local().active_for(&self.ctx.shared().client_key(ip))
     }
 
     /// Connections still in their head phase.
@@ -190,7 +190,7 @@ impl Controller {
 
     /// Tracked per-client keys (client states, rate-limiter keys) after a sweep.
     pub fn sweep(&self) -> (usize, usize) {
-        self.ctx.governor.sweep()
+        self.ctx.governor.local().sweep()
     }
 
     /// The metrics exposition, as `/metrics` serves it.

@@ -18,7 +18,7 @@ use crate::dial::{self, Egress};
 use crate::error::Refusal;
 use crate::front::{ClientConn, ClientId, ClientIo};
 use crate::limits::pending::PendingPermit;
-use crate::limits::{Admission, ClientKey, Direction};
+use crate::limits::{AdmitRequest, ClientKey, Direction, Lease, bandwidth};
 use crate::meter::{ActiveGuard, Meter};
 use crate::mitm::observe::Observer;
 use crate::policy::route;
@@ -45,13 +45,11 @@ impl<C: ClientConn> Tunnel<C> {
         let ctx = Arc::clone(&self.ctx);
         let server = &shared.config.server;
         let key = match &shared.auth {
-            None => ctx.governor.key_for(self.client.addr.ip()),
+            None => shared.client_key(self.client.addr.ip()),
             Some(auth) => {
-                let from = ctx.governor.key_for(self.client.addr.ip());
-                match auth
-                    .check(req.proxy_authorization.as_deref(), &from, &ctx.governor, &ctx.metrics.auth_hashes)
-                    .await
-                {
+                let from = shared.client_key(self.client.addr.ip());
+                let hashes = &ctx.metrics.auth_hashes;
+                match auth.check(req.proxy_authorization.as_deref(), &from, &ctx.governor, hashes).await {
                     Verdict::User(user) => ClientKey::User(user),
                     Verdict::Denied => return self.refuse(Refusal::AuthRequired, &req).await,
                     Verdict::Busy => return self.refuse(Refusal::AuthBusy, &req).await,
@@ -65,8 +63,9 @@ impl<C: ClientConn> Tunnel<C> {
         if route.mode == Mode::Deny {
             return self.refuse(Refusal::RouteDenied, &req).await;
         }
-        let admission = match ctx.governor.admit(&key, route.route) {
-            Ok(a) => a,
+        let admit = AdmitRequest { client: &key, route: route.index.and_then(|i| shared.route_ids.get(i)) };
+        let lease = match ctx.governor.admit(admit).await {
+            Ok(lease) => lease,
             Err(r) => return self.refuse(r, &req).await,
         };
         // Admitted: from here on the tunnel caps count this connection.
@@ -78,10 +77,10 @@ impl<C: ClientConn> Tunnel<C> {
             Ok(d) => d,
             Err(e) => return self.refuse(e.refusal(), &req).await,
         };
-        if let (Some(bytes), Some(tcp)) = (admission.receive_buffer(Direction::Up), self.conn.tcp()) {
+        if let (Some(bytes), Some(tcp)) = (receive_window(&lease, Direction::Up), self.conn.tcp()) {
             dial::set_receive_buffer(tcp, bytes);
         }
-        if let Some(bytes) = admission.receive_buffer(Direction::Down) {
+        if let Some(bytes) = receive_window(&lease, Direction::Down) {
             dial::set_receive_buffer(&upstream.stream, bytes);
         }
         ctx.metrics.upstream_connect.record(upstream.connect_time.as_secs_f64());
@@ -102,11 +101,11 @@ impl<C: ClientConn> Tunnel<C> {
             // room for it for its whole life.
             Mode::Mitm => {
                 let conn = (client_io, req.leftover, upstream.stream);
-                Box::pin(report.intercept(shared, conn, admission, idle, handshake_deadline)).await;
+                Box::pin(report.intercept(shared, conn, lease, idle, handshake_deadline)).await;
             }
             Mode::Tunnel | Mode::Deny => {
                 drop(shared);
-                report.relay_blind(client_io, upstream.stream, req.leftover, admission, idle).await;
+                report.relay_blind(client_io, upstream.stream, req.leftover, lease, idle).await;
             }
         }
     }
@@ -114,6 +113,19 @@ impl<C: ClientConn> Tunnel<C> {
     async fn refuse(&mut self, refusal: Refusal, req: &ConnectRequest) {
         refuse(&self.ctx, &mut self.conn, &self.client, refusal, Some(req)).await;
     }
+}
+
+/// The receive buffer to give the socket that `dir` reads from, when a budget applies.
+///
+/// A throttle pushes back on the sender by not reading. With the kernel's autotuned buffer
+/// (megabytes on a fast path) the sender would first fill that buffer and feel no push-back
+/// for seconds, so its own view of the rate, and the fairness among its tunnels, would be
+/// off by whatever fit. About 1/8 s of the tightest rate is kept; fast budgets keep
+/// autotuning.
+fn receive_window(lease: &Lease, dir: Direction) -> Option<usize> {
+    let tightest = lease.tightest_rate(dir)?;
+    let window = usize::try_from(tightest.bytes_per_sec() / 16).unwrap_or(usize::MAX);
+    (window < bandwidth::AUTOTUNE_ABOVE).then(|| window.max(bandwidth::MIN_RCVBUF))
 }
 
 /// Answers a refusal in the client's front protocol, counts it and logs it once (within the
@@ -156,7 +168,7 @@ impl Report {
         client: (CR, CW),
         upstream: (UR, UW),
         first_up: Vec<u8>,
-        admission: Admission,
+        lease: Lease,
         idle: Duration,
         watch: Option<Observer>,
     ) where
@@ -166,13 +178,13 @@ impl Report {
         UW: AsyncWrite + Unpin,
     {
         let started = Instant::now();
-        let (_active, mut up, mut down) = self.instruments(&admission, watch.as_ref());
+        let (_active, mut up, mut down) = self.instruments(&lease, watch.as_ref());
         let end = relay::relay(client, upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
         if let (Some(o), Some(d)) = (&watch, &down.observe) {
             o.finish(d);
         }
         self.ended(end, started, up.total, down.total);
-        drop(admission);
+        drop(lease);
     }
 
     /// An interception: both handshakes, then the plaintext relay with observation.
@@ -180,7 +192,7 @@ impl Report {
         self,
         shared: Arc<Shared>,
         (client, leftover, upstream): (Io, Vec<u8>, TcpStream),
-        admission: Admission,
+        lease: Lease,
         idle: Duration,
         deadline: Duration,
     ) {
@@ -202,7 +214,7 @@ impl Report {
                 let watch = (!h2).then(|| Observer::new(&self.target.to_string(), interceptor.log_query));
                 drop(shared);
                 let (client, upstream) = (tokio::io::split(tls.client), tokio::io::split(tls.upstream));
-                self.relay(client, upstream, Vec::new(), admission, idle, watch).await;
+                self.relay(client, upstream, Vec::new(), lease, idle, watch).await;
             }
             Err(e) => {
                 ctx.metrics.tls_handshake_failed(e.side());
@@ -226,31 +238,31 @@ impl Report {
         client: Io,
         upstream: TcpStream,
         first_up: Vec<u8>,
-        admission: Admission,
+        lease: Lease,
         idle: Duration,
     ) {
         #[cfg(target_os = "linux")]
         if let Some(tcp) = client.tcp() {
             let started = Instant::now();
-            let (_active, mut up, mut down) = self.instruments(&admission, None);
+            let (_active, mut up, mut down) = self.instruments(&lease, None);
             let end =
                 crate::splice::relay_tcp(tcp, &upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
             self.ended(end, started, up.total, down.total);
-            drop(admission);
+            drop(lease);
             return;
         }
         let mut upstream = upstream;
         // Boxed: on TCP clients this path is never taken, and inline it would grow every
         // tunnel's state by its size.
-        Box::pin(self.relay(tokio::io::split(client), upstream.split(), first_up, admission, idle, None)).await;
+        Box::pin(self.relay(tokio::io::split(client), upstream.split(), first_up, lease, idle, None)).await;
     }
 
     /// The active-tunnel guard and both directions' meters (with observers, in MITM mode).
-    fn instruments(&self, admission: &Admission, watch: Option<&Observer>) -> (ActiveGuard, Meter, Meter) {
+    fn instruments(&self, lease: &Lease, watch: Option<&Observer>) -> (ActiveGuard, Meter, Meter) {
         let ctx = &self.ctx;
         let active = ActiveGuard::new(ctx.metrics.tunnels_active(self.mode));
-        let up = Meter::new(ctx, admission, self.mode, Direction::Up, watch.map(|o| o.side(true)));
-        let down = Meter::new(ctx, admission, self.mode, Direction::Down, watch.map(|o| o.side(false)));
+        let up = Meter::new(ctx, lease, self.mode, Direction::Up, watch.map(|o| o.side(true)));
+        let down = Meter::new(ctx, lease, self.mode, Direction::Down, watch.map(|o| o.side(false)));
         (active, up, down)
     }
 

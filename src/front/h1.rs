@@ -51,8 +51,8 @@ impl<S: ClientIo> ClientConn for H1<S> {
 /// Takes an accepted connection into its head phase on its own task, or, over the
 /// head-phase bounds, turns it away at once.
 pub(crate) fn accepted(ctx: &Arc<Context>, tracker: &TaskTracker, stream: TcpStream, peer: SocketAddr) {
-    let max_pending = ctx.shared().config.server.max_pending;
-    match ctx.pending.enter(ctx.governor.key_for(peer.ip()), max_pending) {
+    let shared = ctx.shared();
+    match ctx.pending.enter(shared.client_key(peer.ip()), shared.config.server.max_pending) {
         Ok(permit) => {
             let span = info_span!("conn", id = super::next_id());
             let client = ClientId { addr: peer };
