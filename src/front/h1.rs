@@ -6,9 +6,12 @@
 //! or is turned away at once, and a head still incomplete after the grace counts against
 //! the client's bound of late heads.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
+use futures_util::future::OptionFuture;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
@@ -17,7 +20,7 @@ use tracing::{Instrument, debug, info_span};
 use super::{ClientConn, ClientId, ClientIo};
 use crate::config::ServerConfig;
 use crate::connect::{self, ConnectRequest, HeadError};
-use crate::context::Context;
+use crate::context::{Context, Shared};
 use crate::error::Refusal;
 use crate::limits::pending::{PendingPermit, PendingRefusal};
 use crate::reply;
@@ -65,27 +68,48 @@ pub(crate) fn accepted(ctx: &Arc<Context>, tracker: &TaskTracker, stream: TcpStr
 /// Reads the CONNECT head, then hands the connection to the tunnel (or answers the head's
 /// refusal). `pending` is the connection's head-phase permit; the tunnel holds it until
 /// admission.
-pub async fn serve<S: ClientIo>(ctx: Arc<Context>, stream: S, client: ClientId, pending: Option<PendingPermit>) {
-    // The head phase's locals live in this block only, so the tunnel's future, awaited
-    // after it, does not sit next to copies of what was moved into it: every idle tunnel
-    // would carry them.
-    let tunnel = {
-        let (mut conn, mut pending, shared) = (H1 { stream }, pending, ctx.shared());
-        let head = tokio::select! {
-            head = read_head(&mut conn.stream, pending.as_mut(), &shared.config.server) => head,
-            // Draining: a client that has not finished its head has been promised nothing.
-            () = ctx.draining.cancelled() => return,
-        };
-        match head {
-            Ok(req) => Tunnel::new(Arc::clone(&ctx), conn, client, pending).run(shared, req),
-            Err(HeadError::Closed) => return debug!("client closed before a complete head"),
-            Err(HeadError::Refuse(r)) => {
-                drop(shared);
-                return tunnel::refuse(&ctx, &mut conn, &client, r, None).await;
-            }
-        }
+///
+/// Two futures chained (`then`), not one `async fn`: an `async fn` keeps its arguments for
+/// its whole life, so the stream, the client and the permit would sit in every tunnel's
+/// state twice, once here and once in the tunnel that took them over. Chained, the head
+/// phase's state is gone when the tunnel's begins.
+pub fn serve<S: ClientIo>(
+    ctx: Arc<Context>,
+    stream: S,
+    client: ClientId,
+    pending: Option<PendingPermit>,
+) -> impl Future<Output = ()> + Send {
+    head_phase(ctx, stream, client, pending)
+        .then(|next| OptionFuture::from(next.map(|(tunnel, shared, req)| tunnel.run(shared, req))))
+        .map(drop)
+}
+
+/// The head phase: the tunnel with what it serves, or `None` when the connection ended here.
+async fn head_phase<S: ClientIo>(
+    ctx: Arc<Context>,
+    stream: S,
+    client: ClientId,
+    mut pending: Option<PendingPermit>,
+) -> Option<(Tunnel<H1<S>>, Arc<Shared>, ConnectRequest)> {
+    let mut conn = H1 { stream };
+    let shared = ctx.shared();
+    let head = tokio::select! {
+        head = read_head(&mut conn.stream, pending.as_mut(), &shared.config.server) => head,
+        // Draining: a client that has not finished its head has been promised nothing.
+        () = ctx.draining.cancelled() => return None,
     };
-    tunnel.await
+    match head {
+        Ok(req) => Some((Tunnel::new(ctx, conn, client, pending), shared, req)),
+        Err(HeadError::Closed) => {
+            debug!("client closed before a complete head");
+            None
+        }
+        Err(HeadError::Refuse(r)) => {
+            drop(shared);
+            tunnel::refuse(&ctx, &mut conn, &client, r, None).await;
+            None
+        }
+    }
 }
 
 /// Reads the CONNECT head. A head still incomplete after the grace is late and counts
