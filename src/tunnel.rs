@@ -60,9 +60,12 @@ impl<C: ClientConn> Tunnel<C> {
             }
         };
         let route = route::lookup(&shared.config.routes, &req.target);
-        if route.mode == Mode::Deny {
-            return self.refuse(Refusal::RouteDenied, &req).await;
-        }
+        // Decided here, so a denied route never gets as far as a relay.
+        let intercept = match route.mode {
+            Mode::Deny => return self.refuse(Refusal::RouteDenied, &req).await,
+            Mode::Tunnel => false,
+            Mode::Mitm => true,
+        };
         let admit = AdmitRequest { client: &key, route: route.index.and_then(|i| shared.route_ids.get(i)) };
         let lease = match ctx.governor.admit(admit).await {
             Ok(lease) => lease,
@@ -96,17 +99,14 @@ impl<C: ClientConn> Tunnel<C> {
         let Tunnel { conn, client, .. } = self;
         let client_io = conn.into_io();
         let report = Report { ctx: Arc::clone(&ctx), client, target: req.target.clone(), mode: route.mode };
-        match route.mode {
+        if intercept {
             // Boxed: the TLS handshakes' state is large, and a blind tunnel should not carry
             // room for it for its whole life.
-            Mode::Mitm => {
-                let conn = (client_io, req.leftover, upstream.stream);
-                Box::pin(report.intercept(shared, conn, lease, idle, handshake_deadline)).await;
-            }
-            Mode::Tunnel | Mode::Deny => {
-                drop(shared);
-                report.relay_blind(client_io, upstream.stream, req.leftover, lease, idle).await;
-            }
+            let conn = (client_io, req.leftover, upstream.stream);
+            Box::pin(report.intercept(shared, conn, lease, idle, handshake_deadline)).await;
+        } else {
+            drop(shared);
+            report.relay_blind(client_io, upstream.stream, req.leftover, lease, idle).await;
         }
     }
 
@@ -183,7 +183,7 @@ impl Report {
         if let (Some(o), Some(d)) = (&watch, &down.observe) {
             o.finish(d);
         }
-        self.ended(end, started, up.total, down.total);
+        self.ended(Outcome::Relayed(end), started, up.total, down.total);
         drop(lease);
     }
 
@@ -199,7 +199,7 @@ impl Report {
         let ctx = Arc::clone(&self.ctx);
         let Some(interceptor) = shared.interceptor.as_ref() else {
             // Validation makes this unreachable; fail closed if it ever is not.
-            return self.ended(End::Error, Instant::now(), 0, 0);
+            return self.ended(Outcome::Relayed(End::Error), Instant::now(), 0, 0);
         };
         let started = Instant::now();
         match interceptor.intercept(client, leftover, upstream, &self.target, deadline).await {
@@ -226,7 +226,7 @@ impl Report {
                     error = e.to_string(),
                     "interception refused"
                 );
-                self.ended(End::TlsFailed, started, 0, 0);
+                self.ended(Outcome::TlsFailed, started, 0, 0);
             }
         }
     }
@@ -247,7 +247,7 @@ impl Report {
             let (_active, mut up, mut down) = self.instruments(&lease, None);
             let end =
                 crate::splice::relay_tcp(tcp, &upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
-            self.ended(end, started, up.total, down.total);
+            self.ended(Outcome::Relayed(end), started, up.total, down.total);
             drop(lease);
             return;
         }
@@ -266,19 +266,38 @@ impl Report {
         (active, up, down)
     }
 
-    fn ended(&self, end: End, started: Instant, bytes_up: u64, bytes_down: u64) {
+    fn ended(&self, outcome: Outcome, started: Instant, bytes_up: u64, bytes_down: u64) {
         let duration = started.elapsed();
-        self.ctx.metrics.tunnel_ended(self.mode, end.as_str(), duration);
+        self.ctx.metrics.tunnel_ended(self.mode, outcome.as_str(), duration);
         info!(
             client = client_field(self.client.addr.ip(), self.ctx.log_client()).as_deref(),
             target = %self.target,
             mode = self.mode.as_str(),
-            outcome = end.as_str(),
+            outcome = outcome.as_str(),
             bytes_up,
             bytes_down,
             duration_ms = duration.as_millis() as u64,
             "tunnel closed"
         );
+    }
+}
+
+/// How a tunnel ended: its relay's end, or, for an interception, that it never got to
+/// relaying. Kept out of the relay's [`End`], which knows nothing of TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Relayed(End),
+    /// The interception's TLS handshakes did not complete.
+    TlsFailed,
+}
+
+impl Outcome {
+    /// Metric label (`tunnels_total{outcome}`, one of [`crate::metrics::OUTCOMES`]) and log field.
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Relayed(end) => end.as_str(),
+            Outcome::TlsFailed => "tls_failed",
+        }
     }
 }
 
@@ -301,6 +320,19 @@ fn client_field(ip: IpAddr, mode: ClientAddressLog) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_outcome_is_registered() {
+        let all = [
+            Outcome::Relayed(End::Done),
+            Outcome::Relayed(End::Idle),
+            Outcome::Relayed(End::Error),
+            Outcome::Relayed(End::Stopped),
+            Outcome::TlsFailed,
+        ];
+        let labels: Vec<_> = all.iter().map(|o| o.as_str()).collect();
+        assert_eq!(labels, crate::metrics::OUTCOMES);
+    }
 
     #[test]
     fn client_addresses_follow_the_privacy_setting() {
