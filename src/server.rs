@@ -1,5 +1,6 @@
-//! The proxy as a whole: bind listeners, accept, spawn one [`Tunnel`] per connection, and
-//! drain on shutdown. [`Proxy::run`] is what `main` and the tests both call.
+//! The proxy as a whole: bind listeners, accept, hand each connection to its front (which
+//! runs one [`Tunnel`](crate::tunnel::Tunnel) per connection), and drain on shutdown.
+//! [`Proxy::run`] is what `main` and the tests both call.
 
 use std::future::Future;
 use std::io;

@@ -24,8 +24,8 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Default)]
 pub(super) struct Settings {
     pub(super) limits: LimitsConfig,
-    /// Route limits by route identity ([`RouteConfig::key`]), so a reload that reorders
-    /// routes keeps each route's state and limits together.
+    /// Route limits by route identity ([`RouteConfig::key`](crate::config::RouteConfig::key)),
+    /// so a reload that reorders routes keeps each route's state and limits together.
     pub(super) routes: HashMap<Arc<str>, RouteLimits>,
 }
 
