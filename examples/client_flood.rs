@@ -7,7 +7,7 @@
 use std::net::Ipv4Addr;
 
 use veilgate::Config;
-use veilgate::limits::{ClientKey, Governor};
+use veilgate::limits::{AdmitRequest, ClientKey, Governor};
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -34,12 +34,13 @@ async fn main() {
     for round in 0..rounds {
         let base = round.wrapping_mul(per_round);
         for i in 0..per_round {
-            drop(g.admit(&ClientKey::V4(Ipv4Addr::from(base.wrapping_add(i))), None).expect("admitted"));
+            let client = ClientKey::V4(Ipv4Addr::from(base.wrapping_add(i)));
+            drop(g.admit(AdmitRequest { client: &client, route: None }).await.expect("admitted"));
         }
         let peak = rss_kib();
         // Let every key become indistinguishable from fresh, then sweep as the task would.
         tokio::time::sleep(veilgate::limits::SWEEP_INTERVAL + std::time::Duration::from_millis(50)).await;
-        let (clients, rate) = g.sweep();
+        let (clients, rate) = g.local().sweep();
         println!(
             "round {round}: {per_round} clients, rss at peak {peak} KiB, after sweep {} KiB, keys left {clients}+{rate}",
             rss_kib()

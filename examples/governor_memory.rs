@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use veilgate::Config;
-use veilgate::limits::{Admission, ClientKey, Direction, Governor};
+use veilgate::limits::{AdmitRequest, ClientKey, Direction, Governor, Lease};
 
 /// The system allocator, counting live bytes.
 struct Counting;
@@ -77,7 +77,10 @@ async fn main() {
     let g = Governor::new(&config);
     // Warm the global buckets and the allocator's first arenas so they are not charged to keys.
     {
-        let a = g.admit(&ClientKey::V4(Ipv4Addr::new(10, 255, 255, 255)), None).expect("admitted");
+        let a = g
+            .admit(AdmitRequest { client: &ClientKey::V4(Ipv4Addr::new(10, 255, 255, 255)), route: None })
+            .await
+            .expect("admitted");
         a.throttle(Direction::Up).wait(1024).await;
         a.throttle(Direction::Down).wait(1024).await;
     }
@@ -85,7 +88,10 @@ async fn main() {
     let base = u32::from(Ipv4Addr::new(10, 0, 0, 0));
     let mut held = Vec::with_capacity(if hold { n as usize } else { 0 });
     for i in 0..n {
-        let a = g.admit(&ClientKey::V4(Ipv4Addr::from(base + i)), None).expect("admitted");
+        let a = g
+            .admit(AdmitRequest { client: &ClientKey::V4(Ipv4Addr::from(base + i)), route: None })
+            .await
+            .expect("admitted");
         // Less than the burst: passes at once, but builds both buckets' limiters.
         a.throttle(Direction::Up).wait(4096).await;
         a.throttle(Direction::Down).wait(4096).await;
@@ -94,9 +100,9 @@ async fn main() {
         }
     }
     // The admissions themselves (when held) are not per-key state of the governor.
-    let held_bytes = (held.capacity() * std::mem::size_of::<Admission>()) as isize;
+    let held_bytes = (held.capacity() * std::mem::size_of::<Lease>()) as isize;
     let (heap1, rss1) = (LIVE.load(Ordering::Relaxed) - held_bytes, rss_kib());
-    let (clients, rate) = g.tracked_keys();
+    let (clients, rate) = g.local().tracked_keys();
     let per_key = (heap1 - heap0) as f64 / f64::from(n) / 1024.0;
     println!(
         "{n} clients{}: {clients} client states, {rate} rate keys; heap +{:.1} MiB = {per_key:.3} KiB per client; \
@@ -107,7 +113,7 @@ async fn main() {
     );
     drop(held);
     tokio::time::sleep(veilgate::limits::SWEEP_INTERVAL + std::time::Duration::from_millis(100)).await;
-    let (clients, rate) = g.sweep();
+    let (clients, rate) = g.local().sweep();
     println!(
         "after one sweep interval and a sweep: {clients} client states, {rate} rate keys; heap {:+.1} KiB from before the clients",
         (LIVE.load(Ordering::Relaxed) - heap0) as f64 / 1024.0

@@ -43,7 +43,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, stop: CancellationT
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                match held.enter(ctx.governor.key_for(peer.ip())) {
+                match held.enter(ctx.shared().client_key(peer.ip())) {
                     Some(slot) => {
                         let ctx = Arc::clone(&ctx);
                         tokio::spawn(async move {
@@ -164,9 +164,9 @@ async fn answer(mut stream: TcpStream, ctx: &Context) -> std::io::Result<()> {
         "/readyz" if ctx.draining.is_cancelled() => respond(s, 503, "text/plain", "draining\n", head_only).await,
         "/readyz" => respond(s, 200, "text/plain", "ready\n", head_only).await,
         "/metrics" => {
-            let (clients, rate) = ctx.governor.tracked_keys();
+            let (clients, rate) = ctx.governor.local().tracked_keys();
             ctx.metrics.limiter_keys(clients, rate);
-            ctx.metrics.auth_attempt_keys(ctx.governor.auth_attempt_keys());
+            ctx.metrics.auth_attempt_keys(ctx.governor.local().auth_attempt_keys());
             let body = ctx.metrics.render();
             respond(s, 200, "text/plain; version=0.0.4; charset=utf-8", &body, head_only).await
         }

@@ -1,7 +1,7 @@
 //! What every tunnel of one proxy shares: the current configuration and what is compiled
 //! from it (swapped whole on reload), the governor, the metrics, and the shutdown tokens.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -11,8 +11,8 @@ use crate::auth::{Auth, AuthError};
 use crate::config::{ClientAddressLog, Config};
 use crate::dial::{Dialer, Resolver};
 use crate::error::Refusal;
-use crate::limits::Governor;
 use crate::limits::pending::Pending;
+use crate::limits::{ClientKey, Governor};
 use crate::logthrottle::{LogThrottle, REFUSAL_LINES_PER_SECOND};
 use crate::metrics::Metrics;
 use crate::mitm::Interceptor;
@@ -32,6 +32,10 @@ pub struct Shared {
     pub auth: Option<Auth>,
     /// `[mitm]`, when configured.
     pub interceptor: Option<Interceptor>,
+    /// Each route's identity ([`RouteConfig::key`](crate::config::RouteConfig::key)) by
+    /// route index: per-route limit state is keyed by it, and building it here spares every
+    /// tunnel to such a route a string.
+    pub route_ids: Vec<Arc<str>>,
 }
 
 /// A configuration whose files could not be loaded.
@@ -59,13 +63,20 @@ impl Shared {
             None => None,
         };
         let acl = Arc::new(Acl::new(&config.policy, own.to_vec()));
+        let route_ids = config.routes.iter().map(|r| Arc::from(r.key())).collect();
         Ok(Shared {
+            route_ids,
             dialer: Dialer::new(Resolver::new(&config.dns), Arc::clone(&acl), config.server.connect_timeout.0),
             acl,
             auth,
             interceptor,
             config,
         })
+    }
+
+    /// The key limits count a client address under, by this configuration's `ipv6_prefix`.
+    pub fn client_key(&self, ip: IpAddr) -> ClientKey {
+        ClientKey::from_ip(ip, self.config.limits.per_client.ipv6_prefix)
     }
 
     /// What `check-config` runs: [`Shared::build`], with nothing kept.

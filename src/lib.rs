@@ -5,6 +5,8 @@
 //! One tunnel's life (DESIGN §1), each step in its own module:
 //!
 //! - [`server`]: listeners, accept loop, drain; [`Proxy`] is the entry point.
+//! - [`front`]: how a connection arrives, through its CONNECT head (plain HTTP/1 today);
+//!   yields the request, the client's identity and a connection that answers in its protocol.
 //! - [`tunnel`]: sequences the phases for one connection and reports its outcome once.
 //! - [`connect`]: the CONNECT head (size cap, deadline, `httparse`); [`target`]: `host:port`.
 //! - [`auth`]: optional `Proxy-Authorization: Basic`.
@@ -29,6 +31,7 @@ pub mod connect;
 pub mod context;
 pub mod dial;
 pub mod error;
+pub mod front;
 pub mod io;
 pub mod limits;
 pub mod logthrottle;

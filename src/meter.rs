@@ -7,7 +7,7 @@ use metrics::{Counter, Gauge};
 
 use crate::config::Mode;
 use crate::context::Context;
-use crate::limits::{Admission, Direction, Scope, Throttle};
+use crate::limits::{Direction, Lease, Scope, Throttle};
 use crate::mitm::observe;
 use crate::relay::Flow;
 
@@ -39,13 +39,13 @@ pub(crate) struct Meter {
 impl Meter {
     pub(crate) fn new(
         ctx: &Context,
-        admission: &Admission,
+        lease: &Lease,
         mode: Mode,
         dir: Direction,
         observe: Option<observe::Side>,
     ) -> Meter {
         Meter {
-            throttle: admission.throttle(dir),
+            throttle: lease.throttle(dir),
             bytes: ctx.metrics.bytes(mode, dir),
             waits: Scope::ALL.map(|s| ctx.metrics.throttle_wait(s, dir)),
             total: 0,

@@ -16,8 +16,9 @@ use crate::limits::{Direction, Scope};
 
 /// Modes that carry traffic (a `deny` route never makes a tunnel).
 pub const MODES: [Mode; 2] = [Mode::Tunnel, Mode::Mitm];
-/// Tunnel outcomes (`tunnels_total{outcome}`); `tls_failed` is an interception whose
-/// handshakes did not complete.
+/// Tunnel outcomes (`tunnels_total{outcome}`), registered at zero: every label the
+/// tunnel's `Outcome` gives (a test in `tunnel` keeps the two equal); `tls_failed` is an
+/// interception whose handshakes did not complete.
 pub const OUTCOMES: [&str; 5] = ["closed", "idle_timeout", "error", "shutdown", "tls_failed"];
 
 const DURATION_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0];

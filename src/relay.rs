@@ -50,8 +50,6 @@ pub enum End {
     Error,
     /// Closed by the proxy (end of drain).
     Stopped,
-    /// An interception whose TLS handshakes did not complete (never relayed).
-    TlsFailed,
 }
 
 impl End {
@@ -62,7 +60,6 @@ impl End {
             End::Idle => "idle_timeout",
             End::Error => "error",
             End::Stopped => "shutdown",
-            End::TlsFailed => "tls_failed",
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The proxy as a whole: bind listeners, accept, spawn one [`Tunnel`] per connection, and
-//! drain on shutdown. [`Proxy::run`] is what `main` and the tests both call.
+//! The proxy as a whole: bind listeners, accept, hand each connection to its front (which
+//! runs one [`Tunnel`](crate::tunnel::Tunnel) per connection), and drain on shutdown.
+//! [`Proxy::run`] is what `main` and the tests both call.
 
 use std::future::Future;
 use std::io;
@@ -7,17 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::context::{Context, LoadError, Shared};
-use crate::error::Refusal;
-use crate::limits::pending::{PendingPermit, PendingRefusal};
-use crate::reply;
-use crate::tunnel::Tunnel;
-use crate::{admin, dial};
+use crate::{admin, dial, front};
 
 /// How long tunnels get after the drain deadline to notice they were closed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -110,9 +107,9 @@ impl Proxy {
         }
         let sweeper = {
             let ctx2 = Arc::clone(&ctx);
-            ctx.governor.start_sweeper(move |clients, rate| {
+            ctx.governor.local().start_sweeper(move |clients, rate| {
                 ctx2.metrics.limiter_keys(clients, rate);
-                ctx2.metrics.auth_attempt_keys(ctx2.governor.auth_attempt_keys());
+                ctx2.metrics.auth_attempt_keys(ctx2.governor.local().auth_attempt_keys());
             })
         };
         let upkeep = {
@@ -184,7 +181,7 @@ impl Controller {
 
     /// Active tunnels of the client at `ip` (under the current `ipv6_prefix`).
     pub fn active_for_ip(&self, ip: std::net::IpAddr) -> u32 {
-        self.ctx.governor.active_for(&self.ctx.governor.key_for(ip))
+        self.ctx.governor.local().active_for(&self.ctx.shared().client_key(ip))
     }
 
     /// Connections still in their head phase.
@@ -194,7 +191,7 @@ impl Controller {
 
     /// Tracked per-client keys (client states, rate-limiter keys) after a sweep.
     pub fn sweep(&self) -> (usize, usize) {
-        self.ctx.governor.sweep()
+        self.ctx.governor.local().sweep()
     }
 
     /// The metrics exposition, as `/metrics` serves it.
@@ -214,11 +211,7 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Context>,
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 ctx.metrics.accepted(addr);
-                let max_pending = ctx.shared().config.server.max_pending;
-                match ctx.pending.enter(ctx.governor.key_for(peer.ip()), max_pending) {
-                    Ok(permit) => spawn_tunnel(&tracker, Arc::clone(&ctx), stream, peer, permit),
-                    Err(why) => turn_away(&ctx, &stream, why),
-                }
+                front::h1::accepted(&ctx, &tracker, stream, peer);
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {
@@ -234,30 +227,6 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Context>,
             }
         }
     }
-}
-
-fn spawn_tunnel(tracker: &TaskTracker, ctx: Arc<Context>, stream: TcpStream, peer: SocketAddr, permit: PendingPermit) {
-    let span = info_span!("conn", id = next_id());
-    tracker.spawn(Tunnel::new(ctx, stream, peer, Some(permit)).run().instrument(span));
-}
-
-/// Over the head-phase bounds: answer at once without reading (a non-blocking write into an
-/// empty socket buffer) and close. Counted; logged at debug only, because this is the path a
-/// flood takes and a log line per connection would be its amplifier.
-fn turn_away(ctx: &Context, stream: &TcpStream, why: PendingRefusal) {
-    let refusal = match why {
-        PendingRefusal::Global => Refusal::PendingCap,
-        PendingRefusal::ClientShare | PendingRefusal::ClientLate => Refusal::ClientPendingCap,
-    };
-    let _ = stream.try_write(&reply::refusal(&refusal, None));
-    ctx.metrics.refused(&refusal);
-    tracing::debug!(pending = ctx.pending.count(), reason = refusal.reason(), "turned away before the head");
-}
-
-fn next_id() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// An accept error that concerns one connection only (the listener needs no back-off).

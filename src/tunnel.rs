@@ -2,166 +2,162 @@
 //! DESIGN §1; each phase lives in its own module, and this file only sequences them, answers
 //! refusals, and reports the outcome once.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::auth::Verdict;
-use crate::config::{ClientAddressLog, Mode, ServerConfig};
-use crate::connect::{self, ConnectRequest, HeadError};
+use crate::config::{ClientAddressLog, Mode};
+use crate::connect::ConnectRequest;
 use crate::context::{Context, Shared};
 use crate::dial::{self, Egress};
 use crate::error::Refusal;
+use crate::front::{ClientConn, ClientId, ClientIo};
 use crate::limits::pending::PendingPermit;
-use crate::limits::{Admission, ClientKey, Direction};
+use crate::limits::{AdmitRequest, ClientKey, Direction, Lease, bandwidth};
 use crate::meter::{ActiveGuard, Meter};
 use crate::mitm::observe::Observer;
 use crate::policy::route;
 use crate::relay::{self, End};
-use crate::reply;
 use crate::target::Target;
 
-/// A client connection being served.
-pub struct Tunnel {
+/// A client connection whose head has been read, being served.
+pub struct Tunnel<C> {
     ctx: Arc<Context>,
-    client: TcpStream,
-    peer: SocketAddr,
+    conn: C,
+    client: ClientId,
     /// Held while the connection is in its head phase (until admission).
     pending: Option<PendingPermit>,
 }
 
-impl Tunnel {
-    /// Wraps an accepted connection.
-    pub fn new(ctx: Arc<Context>, client: TcpStream, peer: SocketAddr, pending: Option<PendingPermit>) -> Tunnel {
-        Tunnel { ctx, client, peer, pending }
+impl<C: ClientConn> Tunnel<C> {
+    /// Takes over a connection from its front, after the head.
+    pub fn new(ctx: Arc<Context>, conn: C, client: ClientId, pending: Option<PendingPermit>) -> Tunnel<C> {
+        Tunnel { ctx, conn, client, pending }
     }
 
-    /// Serves the connection to its end.
-    pub async fn run(mut self) {
+    /// Serves `req` to the tunnel's end, under the snapshot `shared` the head was read with.
+    pub async fn run(mut self, shared: Arc<Shared>, req: ConnectRequest) {
         let ctx = Arc::clone(&self.ctx);
-        let shared = ctx.shared();
         let server = &shared.config.server;
-        let head = tokio::select! {
-            head = self.read_head(server) => head,
-            // Draining: a client that has not finished its head has been promised nothing.
-            () = ctx.draining.cancelled() => return,
-        };
-        let req = match head {
-            Ok(req) => req,
-            Err(HeadError::Closed) => {
-                debug!("client closed before a complete head");
-                return;
-            }
-            Err(HeadError::Refuse(r)) => return self.refuse(r, None).await,
-        };
         let key = match &shared.auth {
-            None => ctx.governor.key_for(self.peer.ip()),
+            None => shared.client_key(self.client.addr.ip()),
             Some(auth) => {
-                let from = ctx.governor.key_for(self.peer.ip());
-                match auth
-                    .check(req.proxy_authorization.as_deref(), &from, &ctx.governor, &ctx.metrics.auth_hashes)
-                    .await
-                {
+                let from = shared.client_key(self.client.addr.ip());
+                let hashes = &ctx.metrics.auth_hashes;
+                match auth.check(req.proxy_authorization.as_deref(), &from, &ctx.governor, hashes).await {
                     Verdict::User(user) => ClientKey::User(user),
-                    Verdict::Denied => return self.refuse(Refusal::AuthRequired, Some(&req)).await,
-                    Verdict::Busy => return self.refuse(Refusal::AuthBusy, Some(&req)).await,
+                    Verdict::Denied => return self.refuse(Refusal::AuthRequired, &req).await,
+                    Verdict::Busy => return self.refuse(Refusal::AuthBusy, &req).await,
                     Verdict::TooManyAttempts { retry_after } => {
-                        return self.refuse(Refusal::AuthAttempts { retry_after }, Some(&req)).await;
+                        return self.refuse(Refusal::AuthAttempts { retry_after }, &req).await;
                     }
                 }
             }
         };
         let route = route::lookup(&shared.config.routes, &req.target);
-        if route.mode == Mode::Deny {
-            return self.refuse(Refusal::RouteDenied, Some(&req)).await;
-        }
-        let admission = match ctx.governor.admit(&key, route.route) {
-            Ok(a) => a,
-            Err(r) => return self.refuse(r, Some(&req)).await,
+        // Decided here, so a denied route never gets as far as a relay.
+        let intercept = match route.mode {
+            Mode::Deny => return self.refuse(Refusal::RouteDenied, &req).await,
+            Mode::Tunnel => false,
+            Mode::Mitm => true,
+        };
+        let admit = AdmitRequest { client: &key, route: route.index.and_then(|i| shared.route_ids.get(i)) };
+        let lease = match ctx.governor.admit(admit).await {
+            Ok(lease) => lease,
+            Err(r) => return self.refuse(r, &req).await,
         };
         // Admitted: from here on the tunnel caps count this connection.
         self.pending = None;
         if let Err(r) = shared.acl.check_target(&req.target) {
-            return self.refuse(r, Some(&req)).await;
+            return self.refuse(r, &req).await;
         }
         let upstream = match shared.dialer.dial(&req.target, Egress::default()).await {
             Ok(d) => d,
-            Err(e) => return self.refuse(e.refusal(), Some(&req)).await,
+            Err(e) => return self.refuse(e.refusal(), &req).await,
         };
-        if let Some(bytes) = admission.receive_buffer(Direction::Up) {
-            dial::set_receive_buffer(&self.client, bytes);
+        if let (Some(bytes), Some(tcp)) = (receive_window(&lease, Direction::Up), self.conn.tcp()) {
+            dial::set_receive_buffer(tcp, bytes);
         }
-        if let Some(bytes) = admission.receive_buffer(Direction::Down) {
+        if let Some(bytes) = receive_window(&lease, Direction::Down) {
             dial::set_receive_buffer(&upstream.stream, bytes);
         }
         ctx.metrics.upstream_connect.record(upstream.connect_time.as_secs_f64());
         if let Some(t) = upstream.lookup_time {
             ctx.metrics.dns_lookup.record(t.as_secs_f64());
         }
-        if self.client.write_all(reply::established(req.minor_version)).await.is_err() {
+        if self.conn.established(req.minor_version).await.is_err() {
             debug!("client left before the 200");
             return;
         }
         let idle = server.idle_timeout.0;
         let handshake_deadline = server.header_timeout.0;
-        let Tunnel { client, peer, .. } = self;
-        let report = Report { ctx: Arc::clone(&ctx), peer, target: req.target.clone(), mode: route.mode };
-        match route.mode {
+        let Tunnel { conn, client, .. } = self;
+        let client_io = conn.into_io();
+        let report = Report { ctx: Arc::clone(&ctx), client, target: req.target.clone(), mode: route.mode };
+        if intercept {
             // Boxed: the TLS handshakes' state is large, and a blind tunnel should not carry
             // room for it for its whole life.
-            Mode::Mitm => {
-                let conn = (client, req.leftover, upstream.stream);
-                Box::pin(report.intercept(shared, conn, admission, idle, handshake_deadline)).await;
-            }
-            Mode::Tunnel | Mode::Deny => {
-                drop(shared);
-                report.relay_tcp(client, upstream.stream, req.leftover, admission, idle).await;
-            }
+            let conn = (client_io, req.leftover, upstream.stream);
+            Box::pin(report.intercept(shared, conn, lease, idle, handshake_deadline)).await;
+        } else {
+            drop(shared);
+            report.relay_blind(client_io, upstream.stream, req.leftover, lease, idle).await;
         }
     }
 
-    /// Reads the CONNECT head. A head still incomplete after the grace is late and counts
-    /// against the client's bound of late heads (see `limits::pending`), which refuses it when
-    /// the client is at that bound. The grace timer is never registered when the head is
-    /// already there on the first read, which is the common case.
-    async fn read_head(&mut self, server: &ServerConfig) -> Result<ConnectRequest, HeadError> {
-        let read = connect::read_head(&mut self.client, server.max_header_bytes, server.header_timeout.0);
-        tokio::pin!(read);
-        if let Ok(head) = tokio::time::timeout(server.late_head_after(), &mut read).await {
-            return head;
-        }
-        if let Some(pending) = self.pending.as_mut() {
-            pending.late(server.max_pending_per_client).map_err(|_| HeadError::Refuse(Refusal::ClientPendingCap))?;
-        }
-        read.await
+    async fn refuse(&mut self, refusal: Refusal, req: &ConnectRequest) {
+        refuse(&self.ctx, &mut self.conn, &self.client, refusal, Some(req)).await;
     }
+}
 
-    /// Answers a refusal, counts it and logs it once (within the refusal log's rate limit).
-    async fn refuse(mut self, refusal: Refusal, req: Option<&ConnectRequest>) {
-        let shared = self.ctx.shared();
-        reply::send_refusal(&mut self.client, &refusal, shared.auth.as_ref().map(|a| a.realm())).await;
-        self.ctx.metrics.refused(&refusal);
-        if !self.ctx.refusal_log.allow(refusal.reason()) {
-            return;
-        }
-        info!(
-            client = client_field(self.peer.ip(), self.ctx.log_client()).as_deref(),
-            target = req.map(|r| r.target.to_string()).as_deref(),
-            status = refusal.status(),
-            reason = refusal.reason(),
-            "refused: {refusal}"
-        );
+/// The receive buffer to give the socket that `dir` reads from, when a budget applies.
+///
+/// A throttle pushes back on the sender by not reading. With the kernel's autotuned buffer
+/// (megabytes on a fast path) the sender would first fill that buffer and feel no push-back
+/// for seconds, so its own view of the rate, and the fairness among its tunnels, would be
+/// off by whatever fit. 1/8 s of the tightest rate is asked for (the kernel doubles it for
+/// its overhead), so one read finds a whole chunk (at most 1/8 s, see
+/// [`bandwidth::chunk_for`]) waiting; fast budgets keep autotuning.
+fn receive_window(lease: &Lease, dir: Direction) -> Option<usize> {
+    let tightest = lease.tightest_rate(dir)?;
+    let window = usize::try_from(tightest.bytes_per_sec() / 8).unwrap_or(usize::MAX);
+    (window < bandwidth::AUTOTUNE_ABOVE).then(|| window.max(bandwidth::MIN_RCVBUF))
+}
+
+/// Answers a refusal in the client's front protocol, counts it and logs it once (within the
+/// refusal log's rate limit). The one way a refusal reaches a client once its connection has
+/// a task: the head phase and the tunnel's phases both come here.
+pub(crate) async fn refuse<C: ClientConn>(
+    ctx: &Context,
+    conn: &mut C,
+    client: &ClientId,
+    refusal: Refusal,
+    req: Option<&ConnectRequest>,
+) {
+    let shared = ctx.shared();
+    conn.refuse(&refusal, shared.auth.as_ref().map(|a| a.realm())).await;
+    ctx.metrics.refused(&refusal);
+    if !ctx.refusal_log.allow(refusal.reason()) {
+        return;
     }
+    info!(
+        client = client_field(client.addr.ip(), ctx.log_client()).as_deref(),
+        target = req.map(|r| r.target.to_string()).as_deref(),
+        status = refusal.status(),
+        reason = refusal.reason(),
+        "refused: {refusal}"
+    );
 }
 
 /// Reports a tunnel's relay and its end, once.
 struct Report {
     ctx: Arc<Context>,
-    peer: SocketAddr,
+    client: ClientId,
     target: Target,
     mode: Mode,
 }
@@ -173,7 +169,7 @@ impl Report {
         client: (CR, CW),
         upstream: (UR, UW),
         first_up: Vec<u8>,
-        admission: Admission,
+        lease: Lease,
         idle: Duration,
         watch: Option<Observer>,
     ) where
@@ -183,28 +179,28 @@ impl Report {
         UW: AsyncWrite + Unpin,
     {
         let started = Instant::now();
-        let (_active, mut up, mut down) = self.instruments(&admission, watch.as_ref());
+        let (_active, mut up, mut down) = self.instruments(&lease, watch.as_ref());
         let end = relay::relay(client, upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
         if let (Some(o), Some(d)) = (&watch, &down.observe) {
             o.finish(d);
         }
-        self.ended(end, started, up.total, down.total);
-        drop(admission);
+        self.ended(Outcome::Relayed(end), started, up.total, down.total);
+        drop(lease);
     }
 
     /// An interception: both handshakes, then the plaintext relay with observation.
-    async fn intercept(
+    async fn intercept<Io: ClientIo>(
         self,
         shared: Arc<Shared>,
-        (client, leftover, upstream): (TcpStream, Vec<u8>, TcpStream),
-        admission: Admission,
+        (client, leftover, upstream): (Io, Vec<u8>, TcpStream),
+        lease: Lease,
         idle: Duration,
         deadline: Duration,
     ) {
         let ctx = Arc::clone(&self.ctx);
         let Some(interceptor) = shared.interceptor.as_ref() else {
             // Validation makes this unreachable; fail closed if it ever is not.
-            return self.ended(End::Error, Instant::now(), 0, 0);
+            return self.ended(Outcome::Relayed(End::Error), Instant::now(), 0, 0);
         };
         let started = Instant::now();
         match interceptor.intercept(client, leftover, upstream, &self.target, deadline).await {
@@ -219,70 +215,90 @@ impl Report {
                 let watch = (!h2).then(|| Observer::new(&self.target.to_string(), interceptor.log_query));
                 drop(shared);
                 let (client, upstream) = (tokio::io::split(tls.client), tokio::io::split(tls.upstream));
-                self.relay(client, upstream, Vec::new(), admission, idle, watch).await;
+                self.relay(client, upstream, Vec::new(), lease, idle, watch).await;
             }
             Err(e) => {
                 ctx.metrics.tls_handshake_failed(e.side());
                 warn!(
-                    client = client_field(self.peer.ip(), ctx.log_client()).as_deref(),
+                    client = client_field(self.client.addr.ip(), ctx.log_client()).as_deref(),
                     target = %self.target,
                     side = e.side(),
                     // Quoted in text logs: it can carry the client's SNI or the origin's names.
                     error = e.to_string(),
                     "interception refused"
                 );
-                self.ended(End::TlsFailed, started, 0, 0);
+                self.ended(Outcome::TlsFailed, started, 0, 0);
             }
         }
     }
 
-    /// A blind tunnel: zero-copy on Linux, the portable relay elsewhere.
-    async fn relay_tcp(
+    /// A blind tunnel. The IO types choose the relay: a bare TCP client on Linux is spliced
+    /// (zero-copy), any other client stream (or platform) goes through the portable relay.
+    async fn relay_blind<Io: ClientIo>(
         self,
-        client: TcpStream,
+        client: Io,
         upstream: TcpStream,
         first_up: Vec<u8>,
-        admission: Admission,
+        lease: Lease,
         idle: Duration,
     ) {
         #[cfg(target_os = "linux")]
-        {
+        if let Some(tcp) = client.tcp() {
             let started = Instant::now();
-            let (_active, mut up, mut down) = self.instruments(&admission, None);
+            let (_active, mut up, mut down) = self.instruments(&lease, None);
             let end =
-                crate::splice::relay_tcp(&client, &upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
-            self.ended(end, started, up.total, down.total);
-            drop(admission);
+                crate::splice::relay_tcp(tcp, &upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
+            self.ended(Outcome::Relayed(end), started, up.total, down.total);
+            drop(lease);
+            return;
         }
-        #[cfg(not(target_os = "linux"))]
-        {
-            let (mut client, mut upstream) = (client, upstream);
-            self.relay(client.split(), upstream.split(), first_up, admission, idle, None).await;
-        }
+        let mut upstream = upstream;
+        // Boxed: on TCP clients this path is never taken, and inline it would grow every
+        // tunnel's state by its size.
+        Box::pin(self.relay(tokio::io::split(client), upstream.split(), first_up, lease, idle, None)).await;
     }
 
     /// The active-tunnel guard and both directions' meters (with observers, in MITM mode).
-    fn instruments(&self, admission: &Admission, watch: Option<&Observer>) -> (ActiveGuard, Meter, Meter) {
+    fn instruments(&self, lease: &Lease, watch: Option<&Observer>) -> (ActiveGuard, Meter, Meter) {
         let ctx = &self.ctx;
         let active = ActiveGuard::new(ctx.metrics.tunnels_active(self.mode));
-        let up = Meter::new(ctx, admission, self.mode, Direction::Up, watch.map(|o| o.side(true)));
-        let down = Meter::new(ctx, admission, self.mode, Direction::Down, watch.map(|o| o.side(false)));
+        let up = Meter::new(ctx, lease, self.mode, Direction::Up, watch.map(|o| o.side(true)));
+        let down = Meter::new(ctx, lease, self.mode, Direction::Down, watch.map(|o| o.side(false)));
         (active, up, down)
     }
 
-    fn ended(&self, end: End, started: Instant, bytes_up: u64, bytes_down: u64) {
+    fn ended(&self, outcome: Outcome, started: Instant, bytes_up: u64, bytes_down: u64) {
         let duration = started.elapsed();
-        self.ctx.metrics.tunnel_ended(self.mode, end.as_str(), duration);
+        self.ctx.metrics.tunnel_ended(self.mode, outcome.as_str(), duration);
         info!(
-            client = client_field(self.peer.ip(), self.ctx.log_client()).as_deref(),
+            client = client_field(self.client.addr.ip(), self.ctx.log_client()).as_deref(),
             target = %self.target,
             mode = self.mode.as_str(),
-            outcome = end.as_str(),
+            outcome = outcome.as_str(),
             bytes_up,
             bytes_down,
             duration_ms = duration.as_millis() as u64,
             "tunnel closed"
         );
+    }
+}
+
+/// How a tunnel ended: its relay's end, or, for an interception, that it never got to
+/// relaying. Kept out of the relay's [`End`], which knows nothing of TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Relayed(End),
+    /// The interception's TLS handshakes did not complete.
+    TlsFailed,
+}
+
+impl Outcome {
+    /// Metric label (`tunnels_total{outcome}`, one of [`crate::metrics::OUTCOMES`]) and log field.
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Relayed(end) => end.as_str(),
+            Outcome::TlsFailed => "tls_failed",
+        }
     }
 }
 
@@ -305,6 +321,19 @@ fn client_field(ip: IpAddr, mode: ClientAddressLog) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_outcome_is_registered() {
+        let all = [
+            Outcome::Relayed(End::Done),
+            Outcome::Relayed(End::Idle),
+            Outcome::Relayed(End::Error),
+            Outcome::Relayed(End::Stopped),
+            Outcome::TlsFailed,
+        ];
+        let labels: Vec<_> = all.iter().map(|o| o.as_str()).collect();
+        assert_eq!(labels, crate::metrics::OUTCOMES);
+    }
 
     #[test]
     fn client_addresses_follow_the_privacy_setting() {
@@ -330,8 +359,10 @@ mod size {
         let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let shared = Shared::build(Config::default(), &[]).unwrap();
         let ctx = std::sync::Arc::new(Context::new(shared, vec![], &[]));
-        let fut = super::Tunnel::new(ctx, c, "127.0.0.1:1".parse().unwrap(), None).run();
+        let client = crate::front::ClientId { addr: "127.0.0.1:1".parse().unwrap() };
+        let fut = crate::front::h1::serve(ctx, c, client, None);
         let size = std::mem::size_of_val(&fut);
+        eprintln!("tunnel future: {size} bytes");
         assert!(size < 4 * 1024, "tunnel future is {size} bytes");
     }
 }

@@ -15,6 +15,7 @@ pub mod tls;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
@@ -24,8 +25,8 @@ use crate::target::{Host, Target};
 use ca::{CaError, CertAuthority};
 use tls::UpstreamTls;
 
-/// The client-facing TLS stream.
-pub type ClientTls = tokio_rustls::server::TlsStream<PrefixedIo<TcpStream>>;
+/// The client-facing TLS stream, over whatever stream the client's front handed over.
+pub type ClientTls<C> = tokio_rustls::server::TlsStream<PrefixedIo<C>>;
 /// The upstream TLS stream.
 pub type UpstreamTlsStream = tokio_rustls::client::TlsStream<TcpStream>;
 
@@ -59,9 +60,9 @@ impl MitmError {
 }
 
 /// Both TLS sessions, ready to relay.
-pub struct Intercepted {
+pub struct Intercepted<C> {
     /// The client's session, terminated here.
-    pub client: ClientTls,
+    pub client: ClientTls<C>,
     /// The session to the origin.
     pub upstream: UpstreamTlsStream,
     /// The application protocol both sides agreed on.
@@ -85,14 +86,14 @@ impl Interceptor {
     }
 
     /// Runs both handshakes. `leftover` are bytes the client sent with its CONNECT head.
-    pub async fn intercept(
+    pub async fn intercept<C: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        client: TcpStream,
+        client: C,
         leftover: Vec<u8>,
         upstream: TcpStream,
         target: &Target,
         deadline: Duration,
-    ) -> Result<Intercepted, MitmError> {
+    ) -> Result<Intercepted<C>, MitmError> {
         let host = target.host_str();
         let t0 = std::time::Instant::now();
         let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), PrefixedIo::new(leftover, client));

@@ -2,20 +2,20 @@
 //! mode and any per-route limits; a target no route names is tunnelled.
 
 use super::pattern::any_matches;
-use crate::config::{Mode, RouteConfig, RouteLimits};
+use crate::config::{Mode, RouteConfig};
 use crate::target::Target;
 
 /// What the route table decided for one target.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RouteMatch<'a> {
-    /// Index into the configured routes, when one matched.
+    /// Index into the configured routes, when one matched: what the snapshot's per-route
+    /// data (`Shared::route_ids`) is looked up by, with no string built per tunnel.
     pub index: Option<usize>,
-    /// The route that matched.
+    /// The route that matched (what it says beyond the mode, such as an egress, is read
+    /// from here; its limits are the governor's, by the route's identity).
     pub route: Option<&'a RouteConfig>,
     /// The mode to use.
     pub mode: Mode,
-    /// Per-client limits the route sets, if any.
-    pub limits: Option<&'a RouteLimits>,
 }
 
 /// Looks `target` up in `routes`.
@@ -25,8 +25,8 @@ pub fn lookup<'a>(routes: &'a [RouteConfig], target: &Target) -> RouteMatch<'a> 
         .iter()
         .enumerate()
         .find(|(_, r)| any_matches(&r.hosts, &host))
-        .map(|(i, r)| RouteMatch { index: Some(i), route: Some(r), mode: r.mode, limits: r.per_client.as_ref() })
-        .unwrap_or(RouteMatch { index: None, route: None, mode: Mode::Tunnel, limits: None })
+        .map(|(i, r)| RouteMatch { index: Some(i), route: Some(r), mode: r.mode })
+        .unwrap_or(RouteMatch { index: None, route: None, mode: Mode::Tunnel })
 }
 
 #[cfg(test)]

@@ -1,0 +1,199 @@
+//! The local backend: admission counters, rate limiters and byte buckets held in this
+//! process. Also what only a local backend can offer: per-client counts, and the sweep that
+//! forgets clients gone quiet.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+
+use super::bandwidth::Bucket;
+use super::conns::{Gauge, GaugePermit};
+use super::rate::KeyedRate;
+use super::{AdmitRequest, ClientKey, Lease};
+use crate::config::{Config, LimitsConfig, RouteLimits};
+use crate::error::Refusal;
+
+/// How often idle per-client state is swept.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The limits in force; swapped whole on reload.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Settings {
+    pub(super) limits: LimitsConfig,
+    /// Route limits by route identity ([`RouteConfig::key`](crate::config::RouteConfig::key)),
+    /// so a reload that reorders routes keeps each route's state and limits together.
+    pub(super) routes: HashMap<Arc<str>, RouteLimits>,
+}
+
+/// Per-client (or per-client-per-route) state. Shared by that client's tunnels; swept when
+/// no tunnel holds it and it has been quiet for a sweep interval.
+#[derive(Default)]
+pub(super) struct ClientState {
+    pub(super) tunnels: Arc<Gauge>,
+    pub(super) buckets: [Bucket; 2],
+    pub(super) last_used_ms: AtomicU64,
+}
+
+/// Key of the client map: the client, and the route identity for route-scoped state.
+type StateKey = (ClientKey, Option<Arc<str>>);
+
+/// All admission and bandwidth state of this process: the local backend.
+pub struct Local {
+    pub(super) settings: ArcSwap<Settings>,
+    pub(super) global: Arc<Gauge>,
+    pub(super) clients: DashMap<StateKey, Arc<ClientState>>,
+    rate: KeyedRate,
+    /// Authentication attempts that need a hash, per client address (only with `[auth]`).
+    auth_attempts: KeyedRate,
+    pub(super) global_buckets: [Bucket; 2],
+    epoch: Instant,
+}
+
+impl Local {
+    /// Local state for `config`.
+    pub fn new(config: &Config) -> Arc<Local> {
+        let g = Local {
+            settings: ArcSwap::from_pointee(Settings::default()),
+            global: Arc::new(Gauge::default()),
+            clients: DashMap::new(),
+            rate: KeyedRate::default(),
+            auth_attempts: KeyedRate::default(),
+            global_buckets: Default::default(),
+            epoch: Instant::now(),
+        };
+        g.update(config);
+        Arc::new(g)
+    }
+
+    /// Applies new limits: at once for admissions, at the next chunk for running tunnels.
+    /// Active counts are kept, so a lowered cap admits nobody until enough tunnels end.
+    pub fn update(&self, config: &Config) {
+        let pc = &config.limits.per_client;
+        self.rate.configure(pc.new_tunnels_per_second, pc.new_tunnels_burst);
+        let auth = config.auth.as_ref();
+        self.auth_attempts.configure(auth.map(|a| a.attempts_per_second), auth.map(|a| a.attempts_burst));
+        self.settings.store(Arc::new(Settings {
+            limits: config.limits.clone(),
+            routes: config
+                .routes
+                .iter()
+                .filter_map(|r| r.per_client.clone().map(|l| (Arc::from(r.key()), l)))
+                .collect(),
+        }));
+    }
+
+    /// Admits one tunnel, or says why not. Cheapest refusal first.
+    pub fn admit(self: &Arc<Self>, req: &AdmitRequest<'_>) -> Result<Lease, Refusal> {
+        let client = req.client;
+        let settings = self.settings.load();
+        let global = self.global.try_acquire(settings.limits.max_tunnels).ok_or(Refusal::GlobalCap)?;
+        let (client_state, client_permit) = self
+            .acquire_client(client.clone(), None, settings.limits.per_client.max_tunnels)
+            .ok_or(Refusal::ClientCap)?;
+        // The route's cap before the rate: a refusal for a full route should not also spend
+        // the client's new-tunnel budget.
+        let route_key: Option<Arc<str>> = req.route.filter(|k| settings.routes.contains_key(*k)).cloned();
+        let route_scope = match (&route_key, route_key.as_ref().and_then(|k| settings.routes.get(k))) {
+            (Some(k), Some(limits)) => Some(
+                self.acquire_client(client.clone(), Some(Arc::clone(k)), limits.max_tunnels)
+                    .ok_or(Refusal::RouteCap)?,
+            ),
+            _ => None,
+        };
+        self.rate.check(client).map_err(|retry_after| Refusal::ClientRate { retry_after })?;
+        Ok(Lease {
+            local: Arc::clone(self),
+            client: client_state,
+            route: route_scope.as_ref().map(|(s, _)| Arc::clone(s)),
+            route_key,
+            _permits: (global, client_permit, route_scope.map(|(_, p)| p)),
+        })
+    }
+
+    /// Counts one authentication attempt that needs a hash for `client` (its address's key);
+    /// `Err` says how long until the next is allowed.
+    pub fn auth_attempt(&self, client: &ClientKey) -> Result<(), Duration> {
+        self.auth_attempts.check(client)
+    }
+
+    /// Takes a slot in the (client, route) state, creating it if needed. The check and the
+    /// increment happen under the map's shard lock, the same lock the sweeper takes, so a
+    /// state is never swept while a tunnel is being admitted to it.
+    fn acquire_client(
+        &self,
+        client: ClientKey,
+        route: Option<Arc<str>>,
+        cap: Option<u32>,
+    ) -> Option<(Arc<ClientState>, GaugePermit)> {
+        let entry = self.clients.entry((client, route)).or_default();
+        let state = Arc::clone(entry.value());
+        state.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
+        let permit = state.tunnels.try_acquire(cap)?;
+        drop(entry);
+        Some((state, permit))
+    }
+
+    pub(super) fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Drops per-client state nobody uses and that has been quiet for a sweep interval, and
+    /// the rate limiters' keys that are back to a fresh state. Returns (clients, rate keys);
+    /// [`Local::auth_attempt_keys`] tells the attempt limiter's.
+    pub fn sweep(&self) -> (usize, usize) {
+        let horizon = self.now_ms().saturating_sub(SWEEP_INTERVAL.as_millis() as u64);
+        self.clients.retain(|_, st| Arc::strong_count(st) > 1 || st.last_used_ms.load(Ordering::Relaxed) > horizon);
+        self.clients.shrink_to_fit();
+        self.auth_attempts.sweep();
+        (self.clients.len(), self.rate.sweep())
+    }
+
+    /// Keys the authentication-attempt limiter tracks now.
+    pub fn auth_attempt_keys(&self) -> usize {
+        self.auth_attempts.tracked()
+    }
+
+    /// Tracked keys: (client and route states, new-tunnel-rate keys).
+    pub fn tracked_keys(&self) -> (usize, usize) {
+        (self.clients.len(), self.rate.tracked())
+    }
+
+    /// Active tunnels of this process.
+    pub fn active_tunnels(&self) -> u32 {
+        self.global.active()
+    }
+
+    /// Active tunnels of one client (not route-scoped).
+    pub fn active_for(&self, client: &ClientKey) -> u32 {
+        self.clients.get(&(client.clone(), None)).map_or(0, |s| s.tunnels.active())
+    }
+
+    /// Starts the sweeper; it stops when the returned guard is dropped or the state goes.
+    pub fn start_sweeper(self: &Arc<Self>, on_sweep: impl Fn(usize, usize) + Send + 'static) -> SweeperGuard {
+        let weak = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(g) = weak.upgrade() else { return };
+                let (clients, rate) = g.sweep();
+                on_sweep(clients, rate);
+            }
+        });
+        SweeperGuard(task)
+    }
+}
+
+/// Stops the sweeper task when dropped (a background chore owned by a guard).
+pub struct SweeperGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for SweeperGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
