@@ -120,12 +120,14 @@ impl<C: ClientConn> Tunnel<C> {
 /// A throttle pushes back on the sender by not reading. With the kernel's autotuned buffer
 /// (megabytes on a fast path) the sender would first fill that buffer and feel no push-back
 /// for seconds, so its own view of the rate, and the fairness among its tunnels, would be
-/// off by whatever fit. 1/8 s of the tightest rate is asked for (the kernel doubles it for
-/// its overhead), so one read finds a whole chunk (at most 1/8 s, see
-/// [`bandwidth::chunk_for`]) waiting; fast budgets keep autotuning.
+/// off by whatever fit. About 1/16 s of the tightest rate is asked for (the kernel doubles
+/// it for its overhead), and never less than this tunnel's chunk
+/// ([`bandwidth::chunk_for`]), so one read finds a whole chunk waiting; fast budgets keep
+/// autotuning.
 fn receive_window(lease: &Lease, dir: Direction) -> Option<usize> {
     let tightest = lease.tightest_rate(dir)?;
-    let window = usize::try_from(tightest.bytes_per_sec() / 8).unwrap_or(usize::MAX);
+    let chunk = lease.throttle(dir).max_chunk().unwrap_or(0);
+    let window = usize::try_from(tightest.bytes_per_sec() / 16).unwrap_or(usize::MAX).max(chunk);
     (window < bandwidth::AUTOTUNE_ABOVE).then(|| window.max(bandwidth::MIN_RCVBUF))
 }
 
