@@ -22,16 +22,6 @@ const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 /// What a connection over a bound reads before the close.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
 
-fn set_nofile(limit: u64) {
-    let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur), 0);
-        let lim = libc::rlimit { rlim_cur: limit.min(cur.rlim_max), rlim_max: cur.rlim_max };
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
-    }
-}
-
 async fn connect_from_ip(to: SocketAddr, from: IpAddr) -> std::io::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::new(from, 0))?;

@@ -17,14 +17,8 @@ fn ip(s: &str) -> IpAddr {
 
 /// Raises this process's descriptor limit to its hard limit and checks it covers `need`.
 fn allow_descriptors(need: u64) {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
-        r.rlim_cur = r.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
-    }
-    assert!(r.rlim_cur >= need, "this test needs {need} descriptors; the hard limit is {}", r.rlim_cur);
+    let now = set_nofile(u64::MAX);
+    assert!(now >= need, "this test needs {need} descriptors; the hard limit is {now}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,9 @@
 //! The real binary: SIGHUP reloads (and survives an invalid file), SIGTERM drains and exits 0;
 //! check-config, start-up and reload refuse the same files with the same words.
 
+mod common;
+
+use common::child::{Veilgate, series, wait_for};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -18,27 +21,6 @@ fn get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !f() {
-        assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn series(scrape: &str, name: &str) -> Option<f64> {
-    scrape.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-}
-
-struct Veilgate(Child);
-
-impl Drop for Veilgate {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn signal(child: &Child, sig: i32) {

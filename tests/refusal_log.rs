@@ -1,9 +1,12 @@
 //! The real binary's log under a flood of refusals: a bounded number of lines per reason and
 //! second, a summary with the exact count of those left out, and a metric that counts all.
 
+mod common;
+
+use common::child::{Veilgate, series, wait_for};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,27 +26,6 @@ fn exchange(addr: SocketAddr, request: &[u8]) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !f() {
-        assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn series(scrape: &str, name: &str) -> Option<f64> {
-    scrape.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-}
-
-struct Veilgate(Child);
-
-impl Drop for Veilgate {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The refusal lines and the summaries' counts for `reason` in the log so far.

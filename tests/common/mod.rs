@@ -2,6 +2,7 @@
 //! ephemeral ports, and clients that speak CONNECT. Every wait is bounded.
 #![allow(dead_code)]
 
+pub mod child;
 pub mod tls;
 
 use std::future::Future;
@@ -275,4 +276,17 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// Sets this process's soft descriptor limit to `limit` (at most the hard limit) and returns
+/// what it is now. Each test file is its own process, so this touches no other file's tests.
+pub fn set_nofile(limit: u64) -> u64 {
+    let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur), 0);
+        let lim = libc::rlimit { rlim_cur: limit.min(cur.rlim_max), rlim_max: cur.rlim_max };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        lim.rlim_cur
+    }
 }
