@@ -16,18 +16,18 @@ use veilgate::{Controller, Proxy, StartError};
 /// jemalloc instead of glibc's malloc, because a proxy's memory comes in bursts. After 5,000
 /// tunnels had opened and closed again, glibc kept the process at the burst's high-water mark
 /// (7.2 MiB at rest, 31.5 MiB held for good); jemalloc with the options below is back at
-/// 11.4 MiB within 5 s, at no throughput or tunnels-per-second cost that interleaved
+/// 11.8 MiB within 5 s, at no throughput or tunnels-per-second cost that interleaved
 /// measurements could see (mimalloc kept 51 MiB). Figures: bench/README.md, "Allocator".
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options (its `malloc_conf`, under the prefixed name tikv-jemalloc-sys builds
-/// with), read once at start: a background thread returns freed pages to the system after
-/// 1 s unused (the default 10 s without a background thread purges only when some thread
-/// allocates again, so an idle proxy kept the burst's memory). `MALLOC_CONF`-style overrides
-/// still work through the `_RJEM_MALLOC_CONF` environment variable.
+/// with), read once at start: one background thread (not one per CPU and more) returns freed
+/// pages to the system after 1 s unused. Without it the default 10 s decay purges only when
+/// some thread allocates again, so an idle proxy kept the burst's memory. The
+/// `_RJEM_MALLOC_CONF` environment variable still adds to or overrides these.
 #[unsafe(export_name = "_rjem_malloc_conf")]
-static JEMALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:1000\0"[0];
+static JEMALLOC_CONF: &u8 = &b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000\0"[0];
 
 fn main() -> ExitCode {
     // One TLS provider for the whole process, chosen before anything builds a config.
