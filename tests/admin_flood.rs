@@ -102,13 +102,7 @@ async fn a_silent_flood_on_the_admin_port_starves_nothing() {
     let watchers = flood(admin, "127.0.0.2".parse().unwrap(), FLOOD).await;
     let opened_in = started.elapsed();
     // The proxy still tunnels, and a scrape from another address is answered.
-    let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
-    assert_eq!(head.status, 200, "{}", head.text);
-    s.write_all(b"alive").await.unwrap();
-    let mut b = [0u8; 5];
-    bounded(s.read_exact(&mut b)).await.unwrap();
-    assert_eq!(&b, b"alive");
-    drop(s);
+    still_serves(&proxy, &origin).await;
     let scrape = get_from(admin, "127.0.0.3".parse().unwrap(), "/metrics").await;
     assert!(scrape.starts_with("HTTP/1.1 200 OK\r\n"), "{}", &scrape[..scrape.len().min(200)]);
     assert_eq!(metric_value(&scrape, "veilgate_accept_errors_total"), Some(0.0), "the proxy listener never hit EMFILE");

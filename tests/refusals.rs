@@ -6,19 +6,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 async fn status_of(proxy: &TestProxy, request: &[u8]) -> (u16, String) {
     let text = raw_exchange(proxy.addr, request).await;
     (text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0), text)
-}
-
-async fn still_serves(proxy: &TestProxy, origin: &Origin) {
-    let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
-    assert_eq!(head.status, 200, "the next client is served");
-    s.write_all(b"ok").await.unwrap();
-    let mut b = [0u8; 2];
-    bounded(s.read_exact(&mut b)).await.unwrap();
 }
 
 #[tokio::test]

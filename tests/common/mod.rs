@@ -290,3 +290,13 @@ pub fn set_nofile(limit: u64) -> u64 {
         lim.rlim_cur
     }
 }
+
+/// Opens a tunnel to an echo `origin` and checks it relays: the proxy still serves.
+pub async fn still_serves(proxy: &TestProxy, origin: &Origin) {
+    let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
+    assert_eq!(head.status, 200, "the next client is served: {}", head.text);
+    s.write_all(b"alive").await.unwrap();
+    let mut b = [0u8; 5];
+    bounded(s.read_exact(&mut b)).await.unwrap();
+    assert_eq!(&b, b"alive");
+}
