@@ -63,8 +63,9 @@ TH_OUT=${TH_OUT:-$HERE/results/$(date +%Y%m%d-%H%M%S)-throttle}
 STARTED=() # every PID started here, for the exit trap
 TMP=""
 TB_PID=""  # the measuring client running now
-log() { echo "[$(date +%T)] $*" >&2; }
-die() { log "error: $*"; exit 1; }
+# log, die, stop_pid, wait_port, http_ok
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 is_uint() { [[ $1 =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
 
 for v in TH_RUNS TH_SECS TH_CLIENTS TH_CONNS TH_LIMIT TH_BIG_CLIENTS TH_BIG_LIMIT TH_SINGLE_LIMIT TH_CR_CLIENTS TH_CR_CONC TH_CR_TOTAL TH_CR_PAIRS; do
@@ -78,18 +79,6 @@ done
 # Client addresses are 127.0.1.2 upwards; keep well inside 127.0.0.0/8.
 for v in TH_CLIENTS TH_BIG_CLIENTS TH_CR_CLIENTS; do [ "${!v}" -le 60000 ] || die "$v: at most 60000 clients"; done
 
-stop_pid() { # TERM, wait up to 10 s, then KILL; only our own PIDs, forgotten once stopped
-  local pid=$1 _ keep=() p
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then log "PID $pid ignored TERM, sending KILL"; kill -KILL "$pid" 2>/dev/null || true; fi
-  fi
-  wait "$pid" 2>/dev/null || true
-  # A stopped PID may be reused by someone else's process: never signal it again.
-  for p in "${STARTED[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
-  STARTED=("${keep[@]}")
-}
 cleanup() {
   local p
   if [ -n "$TB_PID" ]; then stop_pid "$TB_PID"; fi
@@ -102,21 +91,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-wait_port() { # wait until something accepts on 127.0.0.1:$1 (at most 15 s) while PID $2 lives
-  local _
-  for _ in $(seq 150); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
-
-http_ok() { # GET http://127.0.0.1:$1$2 answers 200 (one try, at most 2 s)
-  # shellcheck disable=SC2016 # expanded by the inner shell
-  timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$0" && printf "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" "$1" >&3 && head -n1 <&3 | grep -q " 200"' "$1" "$2" 2>/dev/null
-}
 
 addrs() { # addrs N: N loopback client addresses from 127.0.1.2 up, comma-separated
   local n=$1 i v out=()
