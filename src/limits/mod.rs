@@ -237,12 +237,14 @@ impl Throttle {
     pub fn max_chunk(&self) -> Option<usize> {
         let rates = self.rates(&self.local.settings.load());
         self.seen.set(Some(rates));
-        let sharers = [
-            Some(self.client.tunnels.active()),
-            self.route.as_ref().map(|r| r.tunnels.active()),
-            Some(self.local.global.active()),
-        ];
-        rates.into_iter().zip(sharers).filter_map(|(r, n)| Some(bandwidth::chunk_for(r?, n.unwrap_or(1)))).min()
+        // The tunnel counts are read only for a budget that applies: an unthrottled tunnel
+        // asks this per chunk, and the global count's cache line is written by every admission.
+        let sharers = |scope: usize| match scope {
+            0 => self.client.tunnels.active(),
+            1 => self.route.as_ref().map_or(1, |r| r.tunnels.active()),
+            _ => self.local.global.active(),
+        };
+        rates.into_iter().enumerate().filter_map(|(i, r)| Some(bandwidth::chunk_for(r?, sharers(i)))).min()
     }
 
     /// Waits until `n` bytes may pass: client budget, then route, then global.
