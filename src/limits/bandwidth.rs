@@ -11,14 +11,14 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
 use crate::config::ByteRate;
@@ -83,14 +83,72 @@ impl Limiter {
 /// A draw that can pass at once, with nobody queued, takes no lock: governor's check is a
 /// single compare-and-swap, so a budget that does not bind costs almost nothing. Only a draw
 /// that must wait joins the FIFO queue.
+///
+/// The rate lives in the bucket, set by the backend that owns it (when the budget is made and
+/// on reload), so a tunnel draws on its budgets without knowing where their limits come from.
+/// A bucket made with [`Bucket::fed`] also spends credit that is put in from outside
+/// ([`Bucket::refill`]): a cluster backend grants a share of a client's fleet-wide rate that
+/// way, and the local rate and queue still pace and order the tunnels spending it.
 #[derive(Default)]
 pub struct Bucket {
+    /// Bytes per second; 0 = no budget.
+    rate: AtomicU64,
     limiter: ArcSwapOption<Limiter>,
     queue: Mutex<()>,
     queued: AtomicUsize,
+    credit: Option<Credit>,
+}
+
+/// Cells granted from outside and not yet spent.
+#[derive(Default)]
+struct Credit {
+    cells: AtomicU64,
+    refilled: Notify,
 }
 
 impl Bucket {
+    /// A bucket that spends only what is put in with [`Bucket::refill`] (and, when it has a
+    /// rate, no faster than that).
+    pub fn fed() -> Bucket {
+        Bucket { credit: Some(Credit::default()), ..Bucket::default() }
+    }
+
+    /// The rate in force, if any.
+    pub fn rate(&self) -> Option<ByteRate> {
+        match self.rate.load(Ordering::Relaxed) {
+            0 => None,
+            r => Some(ByteRate(r)),
+        }
+    }
+
+    /// Sets the rate; a running tunnel's next chunk draws at the new one.
+    pub fn set_rate(&self, rate: Option<ByteRate>) {
+        let r = rate.map_or(0, |r| r.bytes_per_sec().max(1));
+        // Skip the store when nothing changed: every tunnel of the client reads this line.
+        if self.rate.load(Ordering::Relaxed) != r {
+            self.rate.store(r, Ordering::Relaxed);
+        }
+    }
+
+    /// Puts `cells` of credit in, waking the draw at the head of the queue. No-op on a bucket
+    /// not made with [`Bucket::fed`].
+    pub fn refill(&self, cells: u64) {
+        if let Some(c) = &self.credit {
+            c.cells.fetch_add(cells, Ordering::AcqRel);
+            c.refilled.notify_one();
+        }
+    }
+
+    /// Credit not yet spent (0 for a bucket that is not fed).
+    pub fn balance(&self) -> u64 {
+        self.credit.as_ref().map_or(0, |c| c.cells.load(Ordering::Acquire))
+    }
+
+    /// Draws waiting in the queue now: what a feeder reads as demand.
+    pub fn waiting(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
     /// The limiter for `rate`, rebuilt when the rate changed (reload).
     fn limiter(&self, rate: ByteRate) -> Arc<Limiter> {
         if let Some(l) = self.limiter.load_full().filter(|l| l.rate == rate) {
@@ -101,46 +159,97 @@ impl Bucket {
         fresh
     }
 
-    /// Waits until `cells` cells may pass at `rate`, in turn with every other tunnel drawing
-    /// on this bucket. A changed `rate` (reload) takes effect at the next chunk. Returns the
-    /// time spent waiting.
-    pub async fn take(&self, rate: ByteRate, cells: u32) -> Duration {
-        let limiter = self.limiter(rate);
-        if cells <= limiter.burst && self.queued.load(Ordering::Acquire) == 0 {
-            match NonZeroU32::new(cells) {
-                None => return Duration::ZERO,
-                Some(n) if matches!(limiter.gcra.check_n(n), Ok(Ok(()))) => return Duration::ZERO,
-                Some(_) => {}
-            }
+    /// Waits until `cells` cells may pass at `rate` (`None`: only a fed bucket's credit
+    /// binds), in turn with every other tunnel drawing on this bucket. Returns the time spent
+    /// waiting.
+    pub async fn take(&self, rate: Option<ByteRate>, cells: u32) -> Duration {
+        let limiter = rate.map(|r| self.limiter(r));
+        if self.queued.load(Ordering::Acquire) == 0 && self.pass_now(limiter.as_deref(), cells) {
+            return Duration::ZERO;
         }
         // Boxed: the queue and timer state is needed only while waiting, and every tunnel
         // would otherwise carry room for it inline for its whole life.
         Box::pin(self.wait_turn(limiter, cells)).await
     }
 
-    async fn wait_turn(&self, limiter: Arc<Limiter>, cells: u32) -> Duration {
+    /// Takes `cells` without waiting, if the rate and the credit both allow it now.
+    fn pass_now(&self, limiter: Option<&Limiter>, cells: u32) -> bool {
+        let Some(n) = NonZeroU32::new(cells) else { return true };
+        if let Some(c) = &self.credit {
+            // Credit first: a draw that finds too little must not spend a rate token.
+            if limiter.is_some_and(|l| cells > l.burst) || !c.try_spend(u64::from(cells)) {
+                return false;
+            }
+            return match limiter {
+                None => true,
+                Some(l) if matches!(l.gcra.check_n(n), Ok(Ok(()))) => true,
+                Some(_) => {
+                    c.cells.fetch_add(u64::from(cells), Ordering::AcqRel);
+                    false
+                }
+            };
+        }
+        match limiter {
+            None => true,
+            Some(l) => cells <= l.burst && matches!(l.gcra.check_n(n), Ok(Ok(()))),
+        }
+    }
+
+    async fn wait_turn(&self, limiter: Option<Arc<Limiter>>, cells: u32) -> Duration {
         let started = Instant::now();
         let _queued = Queued::join(&self.queued);
         let turn = self.queue.lock().await;
-        let mut left = cells;
-        while left > 0 {
-            let n = left.min(limiter.burst);
-            let Some(nz) = NonZeroU32::new(n) else { break };
-            loop {
-                match limiter.gcra.check_n(nz) {
-                    Ok(Ok(())) => break,
-                    Ok(Err(not_until)) => {
-                        let wait = not_until.wait_time_from(limiter.gcra.clock().now());
-                        tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
+        if let Some(c) = &self.credit {
+            c.spend(u64::from(cells)).await;
+        }
+        if let Some(limiter) = limiter {
+            let mut left = cells;
+            while left > 0 {
+                let n = left.min(limiter.burst);
+                let Some(nz) = NonZeroU32::new(n) else { break };
+                loop {
+                    match limiter.gcra.check_n(nz) {
+                        Ok(Ok(())) => break,
+                        Ok(Err(not_until)) => {
+                            let wait = not_until.wait_time_from(limiter.gcra.clock().now());
+                            tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
+                        }
+                        // n <= burst by construction; should governor disagree, pass rather than hang.
+                        Err(_) => break,
                     }
-                    // n <= burst by construction; should governor disagree, pass rather than hang.
-                    Err(_) => break,
                 }
+                left -= n;
             }
-            left -= n;
         }
         drop(turn);
         started.elapsed()
+    }
+}
+
+impl Credit {
+    fn try_spend(&self, cells: u64) -> bool {
+        self.cells.fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| have.checked_sub(cells)).is_ok()
+    }
+
+    /// Waits for `cells` of credit and spends them. Called by the head of the queue only, so
+    /// credit goes out in queue order; a chunk larger than any one grant is paid as credit
+    /// comes in rather than waiting for a grant that large.
+    async fn spend(&self, cells: u64) {
+        let mut left = cells;
+        loop {
+            let took = self
+                .cells
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |have| (have > 0).then(|| have - have.min(left)));
+            if let Ok(had) = took {
+                left -= had.min(left);
+            }
+            if left == 0 {
+                return;
+            }
+            // `notify_one` leaves a permit when nobody waits, so a refill between the check
+            // above and this wait is not lost.
+            self.refilled.notified().await;
+        }
     }
 }
 
@@ -185,9 +294,50 @@ mod tests {
         let bucket = Bucket::default();
         let started = std::time::Instant::now();
         for _ in 0..70 {
-            bucket.take(ByteRate(64 * 1024), 1).await;
+            bucket.take(Some(ByteRate(64 * 1024)), 1).await;
         }
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(950), "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_fed_bucket_spends_only_what_is_put_in() {
+        let bucket = Arc::new(Bucket::fed());
+        assert_eq!(bucket.take(None, 0).await, Duration::ZERO, "nothing to pay");
+        bucket.refill(3);
+        assert_eq!(bucket.take(None, 2).await, Duration::ZERO, "credit there: no wait");
+        assert_eq!(bucket.balance(), 1);
+        // Four cells with one in hand: waits for the rest, and takes credit as it comes.
+        let b = Arc::clone(&bucket);
+        let draw = tokio::spawn(async move { b.take(None, 4).await });
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while bucket.waiting() == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!draw.is_finished(), "three cells short");
+        bucket.refill(2);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!draw.is_finished(), "one cell short");
+        bucket.refill(5);
+        let waited = tokio::time::timeout(Duration::from_secs(5), draw).await.unwrap().unwrap();
+        assert!(waited >= Duration::from_millis(40), "waited {waited:?}");
+        assert_eq!(bucket.balance(), 4);
+        // A rate still paces what the credit allows: at 64 KiB/s (a burst of 9 cells), 40
+        // cells take at least 31/64 s.
+        bucket.refill(100);
+        let started = std::time::Instant::now();
+        for _ in 0..40 {
+            bucket.take(Some(ByteRate(64 * 1024)), 1).await;
+        }
+        assert!(started.elapsed() >= Duration::from_millis(450), "took {:?}", started.elapsed());
+        assert_eq!(bucket.balance(), 64);
+        // A bucket that is not fed ignores refills.
+        let plain = Bucket::default();
+        plain.refill(10);
+        assert_eq!(plain.balance(), 0);
     }
 }

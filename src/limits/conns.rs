@@ -5,22 +5,23 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// A counter with a ceiling that can change at run time (reload).
+/// Taken slots under a ceiling that can change at run time (reload): a semaphore whose size
+/// is given at each acquire, so a reload moves it without touching the slots already out.
 #[derive(Debug, Default)]
-pub struct Gauge {
+pub struct Slots {
     active: AtomicU32,
 }
 
-impl Gauge {
+impl Slots {
     /// Takes a slot if fewer than `cap` are taken (`None` = no ceiling).
-    pub fn try_acquire(self: &Arc<Self>, cap: Option<u32>) -> Option<GaugePermit> {
+    pub fn try_acquire(self: &Arc<Self>, cap: Option<u32>) -> Option<Slot> {
         let mut cur = self.active.load(Ordering::Relaxed);
         loop {
             if cap.is_some_and(|c| cur >= c) {
                 return None;
             }
             match self.active.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Some(GaugePermit(Arc::clone(self))),
+                Ok(_) => return Some(Slot(Arc::clone(self))),
                 Err(now) => cur = now,
             }
         }
@@ -32,11 +33,11 @@ impl Gauge {
     }
 }
 
-/// One taken slot of a [`Gauge`].
+/// One taken slot of [`Slots`].
 #[derive(Debug)]
-pub struct GaugePermit(Arc<Gauge>);
+pub struct Slot(Arc<Slots>);
 
-impl Drop for GaugePermit {
+impl Drop for Slot {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::AcqRel);
     }
@@ -48,7 +49,7 @@ mod tests {
 
     #[test]
     fn permits_release_on_drop_and_caps_can_move() {
-        let g = Arc::new(Gauge::default());
+        let g = Arc::new(Slots::default());
         let a = g.try_acquire(Some(2)).unwrap();
         let _b = g.try_acquire(Some(2)).unwrap();
         assert!(g.try_acquire(Some(2)).is_none());

@@ -4,14 +4,15 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 
-use super::bandwidth::Bucket;
-use super::conns::{Gauge, GaugePermit};
+use super::conns::Slot;
+use super::pool::{Pool, now_ms};
 use super::rate::KeyedRate;
 use super::{AdmitRequest, ClientKey, Lease};
 use crate::config::{Config, LimitsConfig, RouteLimits};
@@ -29,28 +30,33 @@ pub(super) struct Settings {
     pub(super) routes: HashMap<Arc<str>, RouteLimits>,
 }
 
-/// Per-client (or per-client-per-route) state. Shared by that client's tunnels; swept when
-/// no tunnel holds it and it has been quiet for a sweep interval.
-#[derive(Default)]
-pub(super) struct ClientState {
-    pub(super) tunnels: Arc<Gauge>,
-    pub(super) buckets: [Bucket; 2],
-    pub(super) last_used_ms: AtomicU64,
-}
-
 /// Key of the client map: the client, and the route identity for route-scoped state.
 type StateKey = (ClientKey, Option<Arc<str>>);
+
+impl Settings {
+    /// Gives `pool`, the pool of `key`, the byte rates these settings set for it.
+    fn apply(&self, key: &StateKey, pool: &Pool) {
+        match &key.1 {
+            None => pool.set_rates(self.limits.per_client.bandwidth_up, self.limits.per_client.bandwidth_down),
+            Some(route) => {
+                let limits = self.routes.get(route);
+                pool.set_rates(limits.and_then(|l| l.bandwidth_up), limits.and_then(|l| l.bandwidth_down));
+            }
+        }
+    }
+}
 
 /// All admission and bandwidth state of this process: the local backend.
 pub struct Local {
     pub(super) settings: ArcSwap<Settings>,
-    pub(super) global: Arc<Gauge>,
-    pub(super) clients: DashMap<StateKey, Arc<ClientState>>,
+    /// Everyone's pool: the global cap and byte budgets.
+    pub(super) global: Arc<Pool>,
+    /// Per-client and per-client-per-route pools. Swept when no tunnel holds one and it has
+    /// been quiet for a sweep interval.
+    pub(super) clients: DashMap<StateKey, Arc<Pool>>,
     rate: KeyedRate,
     /// Authentication attempts that need a hash, per client address (only with `[auth]`).
     auth_attempts: KeyedRate,
-    pub(super) global_buckets: [Bucket; 2],
-    epoch: Instant,
 }
 
 impl Local {
@@ -58,12 +64,10 @@ impl Local {
     pub fn new(config: &Config) -> Arc<Local> {
         let g = Local {
             settings: ArcSwap::from_pointee(Settings::default()),
-            global: Arc::new(Gauge::default()),
+            global: Arc::default(),
             clients: DashMap::new(),
             rate: KeyedRate::default(),
             auth_attempts: KeyedRate::default(),
-            global_buckets: Default::default(),
-            epoch: Instant::now(),
         };
         g.update(config);
         Arc::new(g)
@@ -71,6 +75,11 @@ impl Local {
 
     /// Applies new limits: at once for admissions, at the next chunk for running tunnels.
     /// Active counts are kept, so a lowered cap admits nobody until enough tunnels end.
+    ///
+    /// The settings are stored before the pools are walked, and a pool is made under its map
+    /// shard's lock reading the settings then: a pool made during the walk either is visited
+    /// by it or was made after it passed, from the new settings. Either way none keeps an old
+    /// rate.
     pub fn update(&self, config: &Config) {
         let pc = &config.limits.per_client;
         self.rate.configure(pc.new_tunnels_per_second, pc.new_tunnels_burst);
@@ -84,14 +93,20 @@ impl Local {
                 .filter_map(|r| r.per_client.clone().map(|l| (Arc::from(r.key()), l)))
                 .collect(),
         }));
+        let settings = self.settings.load();
+        let limits = &settings.limits;
+        self.global.set_rates(limits.bandwidth, limits.bandwidth);
+        for entry in self.clients.iter() {
+            settings.apply(entry.key(), entry.value());
+        }
     }
 
     /// Admits one tunnel, or says why not. Cheapest refusal first.
     pub fn admit(self: &Arc<Self>, req: &AdmitRequest<'_>) -> Result<Lease, Refusal> {
         let client = req.client;
         let settings = self.settings.load();
-        let global = self.global.try_acquire(settings.limits.max_tunnels).ok_or(Refusal::GlobalCap)?;
-        let (client_state, client_permit) = self
+        let global = self.global.tunnels.try_acquire(settings.limits.max_tunnels).ok_or(Refusal::GlobalCap)?;
+        let (client_pool, client_slot) = self
             .acquire_client(client.clone(), None, settings.limits.per_client.max_tunnels)
             .ok_or(Refusal::ClientCap)?;
         // The route's cap before the rate: a refusal for a full route should not also spend
@@ -105,12 +120,10 @@ impl Local {
             _ => None,
         };
         self.rate.check(client).map_err(|retry_after| Refusal::ClientRate { retry_after })?;
+        let (route_pool, route_slot) = route_scope.unzip();
         Ok(Lease {
-            local: Arc::clone(self),
-            client: client_state,
-            route: route_scope.as_ref().map(|(s, _)| Arc::clone(s)),
-            route_key,
-            _permits: (global, client_permit, route_scope.map(|(_, p)| p)),
+            pools: [Some(client_pool), route_pool, Some(Arc::clone(&self.global))],
+            _slots: (global, client_slot, route_slot),
         })
     }
 
@@ -120,32 +133,35 @@ impl Local {
         self.auth_attempts.check(client)
     }
 
-    /// Takes a slot in the (client, route) state, creating it if needed. The check and the
+    /// Takes a slot in the (client, route) pool, making it if needed. The check and the
     /// increment happen under the map's shard lock, the same lock the sweeper takes, so a
-    /// state is never swept while a tunnel is being admitted to it.
+    /// pool is never swept while a tunnel is being admitted to it.
     fn acquire_client(
         &self,
         client: ClientKey,
         route: Option<Arc<str>>,
         cap: Option<u32>,
-    ) -> Option<(Arc<ClientState>, GaugePermit)> {
-        let entry = self.clients.entry((client, route)).or_default();
-        let state = Arc::clone(entry.value());
-        state.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
-        let permit = state.tunnels.try_acquire(cap)?;
+    ) -> Option<(Arc<Pool>, Slot)> {
+        let entry = match self.clients.entry((client, route)) {
+            Entry::Occupied(o) => o.into_ref(),
+            Entry::Vacant(v) => {
+                let pool = Arc::new(Pool::default());
+                self.settings.load().apply(v.key(), &pool);
+                v.insert(pool)
+            }
+        };
+        let pool = Arc::clone(entry.value());
+        pool.touch();
+        let slot = pool.tunnels.try_acquire(cap)?;
         drop(entry);
-        Some((state, permit))
-    }
-
-    pub(super) fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        Some((pool, slot))
     }
 
     /// Drops per-client state nobody uses and that has been quiet for a sweep interval, and
     /// the rate limiters' keys that are back to a fresh state. Returns (clients, rate keys);
     /// [`Local::auth_attempt_keys`] tells the attempt limiter's.
     pub fn sweep(&self) -> (usize, usize) {
-        let horizon = self.now_ms().saturating_sub(SWEEP_INTERVAL.as_millis() as u64);
+        let horizon = now_ms().saturating_sub(SWEEP_INTERVAL.as_millis() as u64);
         self.clients.retain(|_, st| Arc::strong_count(st) > 1 || st.last_used_ms.load(Ordering::Relaxed) > horizon);
         self.clients.shrink_to_fit();
         self.auth_attempts.sweep();
@@ -164,7 +180,7 @@ impl Local {
 
     /// Active tunnels of this process.
     pub fn active_tunnels(&self) -> u32 {
-        self.global.active()
+        self.global.tunnels.active()
     }
 
     /// Active tunnels of one client (not route-scoped).

@@ -1,5 +1,5 @@
 //! The governor layer: one door ([`Governor::admit`]) for every admission limit, and
-//! [`Throttle`] for every byte budget.
+//! [`Throttle`] for every byte budget (drawn from the [`Pool`]s a tunnel was admitted to).
 //!
 //! Admission order is the cheapest refusal first: global cap (503), per-client cap (429),
 //! per-client new-tunnel rate (429 + Retry-After), then the route's per-client cap (429).
@@ -17,20 +17,19 @@ pub mod bandwidth;
 pub mod conns;
 pub mod local;
 pub mod pending;
+pub mod pool;
 pub mod rate;
 
-use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::config::{ByteRate, Config};
 use crate::error::Refusal;
-use bandwidth::Bucket;
-use conns::GaugePermit;
-use local::{ClientState, Settings};
+use conns::Slot;
 pub use local::{Local, SWEEP_INTERVAL, SweeperGuard};
+use pool::Pools;
+pub use pool::{Pool, Throttle, Waited};
 
 /// Who a limit applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -164,119 +163,27 @@ impl Governor {
     }
 }
 
-/// An admitted tunnel's place under every limit, and the budgets it draws on.
+/// An admitted tunnel's place under every limit, and the pools it draws bytes from.
 ///
 /// Dropping it releases the place. On the local backend that is a few atomic decrements
-/// (the permits' own `Drop`), done synchronously where the tunnel ends. The cluster backend
+/// (the slots' own `Drop`), done synchronously where the tunnel ends. The cluster backend
 /// cannot await Redis in `Drop`: its lease will hand the release to a background task that
 /// batches releases and renewals (DESIGN §4b), so dropping stays cheap there too.
 pub struct Lease {
-    local: Arc<Local>,
-    client: Arc<ClientState>,
-    route: Option<Arc<ClientState>>,
-    route_key: Option<Arc<str>>,
-    _permits: (GaugePermit, GaugePermit, Option<GaugePermit>),
+    pools: Pools,
+    _slots: (Slot, Slot, Option<Slot>),
 }
 
 impl Lease {
     /// The tightest byte rate that applies to `dir` now (client, route or global), if any:
     /// what socket tuning sizes a receive buffer by.
     pub fn tightest_rate(&self, dir: Direction) -> Option<ByteRate> {
-        rates(&self.local.settings.load(), dir, self.route_key.as_ref()).into_iter().flatten().min()
+        self.pools.iter().flatten().filter_map(|p| p.rate(dir)).min()
     }
 
     /// The throttle for one direction of this tunnel.
     pub fn throttle(&self, dir: Direction) -> Throttle {
-        Throttle {
-            local: Arc::clone(&self.local),
-            client: Arc::clone(&self.client),
-            route: self.route.clone(),
-            route_key: self.route_key.clone(),
-            dir,
-            carry: 0,
-            seen: Cell::new(None),
-        }
-    }
-}
-
-/// The rates that apply to `dir` under `s`, by scope (client, route, global).
-fn rates(s: &Settings, dir: Direction, route_key: Option<&Arc<str>>) -> [Option<ByteRate>; 3] {
-    let pick = |up: Option<ByteRate>, down: Option<ByteRate>| match dir {
-        Direction::Up => up,
-        Direction::Down => down,
-    };
-    let pc = &s.limits.per_client;
-    let route = route_key.and_then(|k| s.routes.get(k)).and_then(|r| pick(r.bandwidth_up, r.bandwidth_down));
-    [pick(pc.bandwidth_up, pc.bandwidth_down), route, s.limits.bandwidth]
-}
-
-/// Time a chunk spent waiting, by scope.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Waited(pub [Duration; 3]);
-
-/// One direction's draw on the client, route and global budgets.
-pub struct Throttle {
-    local: Arc<Local>,
-    client: Arc<ClientState>,
-    route: Option<Arc<ClientState>>,
-    route_key: Option<Arc<str>>,
-    dir: Direction,
-    /// Bytes not yet charged (less than a cell), so small writes are charged exactly overall.
-    carry: u64,
-    /// The rates [`Throttle::max_chunk`] read for the chunk now in flight, so its wait uses
-    /// them instead of reading the settings a second time per chunk.
-    seen: Cell<Option<[Option<ByteRate>; 3]>>,
-}
-
-impl Throttle {
-    fn rates(&self, s: &Settings) -> [Option<ByteRate>; 3] {
-        rates(s, self.dir, self.route_key.as_ref())
-    }
-
-    /// Largest chunk the relay should read, or `None` when no budget applies.
-    pub fn max_chunk(&self) -> Option<usize> {
-        let rates = self.rates(&self.local.settings.load());
-        self.seen.set(Some(rates));
-        // The tunnel counts are read only for a budget that applies: an unthrottled tunnel
-        // asks this per chunk, and the global count's cache line is written by every admission.
-        let sharers = |scope: usize| match scope {
-            0 => self.client.tunnels.active(),
-            1 => self.route.as_ref().map_or(1, |r| r.tunnels.active()),
-            _ => self.local.global.active(),
-        };
-        rates.into_iter().enumerate().filter_map(|(i, r)| Some(bandwidth::chunk_for(r?, sharers(i)))).min()
-    }
-
-    /// Waits until `n` bytes may pass: client budget, then route, then global.
-    pub async fn wait(&mut self, n: usize) -> Waited {
-        let mut waited = Waited::default();
-        let rates = match self.seen.take() {
-            Some(r) => r,
-            None => self.rates(&self.local.settings.load()),
-        };
-        if rates.iter().all(Option::is_none) {
-            self.carry = 0;
-            return waited;
-        }
-        let total = self.carry + n as u64;
-        self.carry = total % bandwidth::CELL;
-        let cells = u32::try_from(total / bandwidth::CELL).unwrap_or(u32::MAX);
-        if cells == 0 {
-            return waited;
-        }
-        let d = self.dir.index();
-        let buckets: [Option<&Bucket>; 3] = [
-            Some(&self.client.buckets[d]),
-            self.route.as_deref().map(|r| &r.buckets[d]),
-            Some(&self.local.global_buckets[d]),
-        ];
-        for (i, (rate, bucket)) in rates.iter().zip(buckets).enumerate() {
-            if let (Some(rate), Some(bucket)) = (rate, bucket) {
-                waited.0[i] = bucket.take(*rate, cells).await;
-            }
-        }
-        self.client.last_used_ms.store(self.local.now_ms(), Ordering::Relaxed);
-        waited
+        Throttle::new(self.pools.clone(), dir)
     }
 }
 
@@ -284,6 +191,7 @@ impl Throttle {
 mod tests {
     use super::*;
     use std::net::Ipv6Addr;
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     #[test]
@@ -387,5 +295,32 @@ mod tests {
         // Without [auth] nothing is counted.
         let g = Governor::new(&config(""));
         assert!((0..100).all(|_| g.auth_attempt(&a).is_ok()));
+    }
+
+    #[tokio::test]
+    async fn a_reload_moves_the_rates_of_running_tunnels() {
+        let first = config(
+            "[limits]\nbandwidth = \"8 MiB/s\"\n[limits.per_client]\nbandwidth_down = \"1 MiB/s\"\n\
+             [[routes]]\nhosts = [\"a.invalid\"]\n[routes.per_client]\nbandwidth_up = \"64 KiB/s\"",
+        );
+        let g = Governor::new(&first);
+        let a = ClientKey::V4("127.0.0.2".parse().unwrap());
+        let route: Arc<str> = Arc::from(first.routes[0].key());
+        let lease = g.admit(AdmitRequest { client: &a, route: Some(&route) }).await.unwrap();
+        let rates = |l: &Lease, d| l.pools.clone().map(|p| p.and_then(|p| p.rate(d)).map(|r| r.bytes_per_sec()));
+        assert_eq!(rates(&lease, Direction::Down), [Some(1 << 20), None, Some(8 << 20)]);
+        assert_eq!(rates(&lease, Direction::Up), [None, Some(64 << 10), Some(8 << 20)]);
+        assert_eq!(lease.tightest_rate(Direction::Up), Some(ByteRate(64 << 10)));
+        g.update(&config(
+            "[limits.per_client]\nbandwidth_down = \"2 MiB/s\"\n\
+             [[routes]]\nhosts = [\"a.invalid\"]\n[routes.per_client]\nbandwidth_up = \"128 KiB/s\"",
+        ));
+        assert_eq!(rates(&lease, Direction::Down), [Some(2 << 20), None, None]);
+        assert_eq!(rates(&lease, Direction::Up), [None, Some(128 << 10), None]);
+        // A client first seen after the reload gets the new rates too.
+        let b = ClientKey::V4("127.0.0.3".parse().unwrap());
+        let other = admit(&g, &b).await.unwrap();
+        assert_eq!(rates(&other, Direction::Down), [Some(2 << 20), None, None]);
+        assert_eq!(lease.throttle(Direction::Down).max_chunk(), Some(256 * 1024));
     }
 }

@@ -20,12 +20,12 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use super::ClientKey;
-use super::conns::{Gauge, GaugePermit};
+use super::conns::{Slot, Slots};
 
 /// Global and per-client counts of connections in their head phase.
 #[derive(Default)]
 pub struct Pending {
-    global: Arc<Gauge>,
+    global: Arc<Slots>,
     per_client: Arc<DashMap<ClientKey, Counts>>,
 }
 
@@ -75,7 +75,7 @@ impl Pending {
 
 /// One connection in its head phase; dropping it ends that phase.
 pub struct PendingPermit {
-    _global: GaugePermit,
+    _global: Slot,
     per_client: Arc<DashMap<ClientKey, Counts>>,
     client: ClientKey,
     late: bool,
