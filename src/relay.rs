@@ -148,15 +148,9 @@ where
     W: AsyncWrite + Unpin,
     F: Flow,
 {
-    if !first.is_empty() {
-        for piece in first.chunks(flow.max_chunk().unwrap_or(BUF_SIZE).max(1)) {
-            flow.before_write(piece.len()).await;
-            flow.inspect(piece);
-            w.write_all(piece).await?;
-            w.flush().await?;
-            flow.written(piece.len());
-        }
-        activity.touch();
+    for piece in first.chunks(flow.max_chunk().unwrap_or(BUF_SIZE).max(1)) {
+        flow.inspect(piece);
+        pass(flow, activity, piece.len(), || write_out(w, piece)).await?;
     }
     // Start small and grow when reads fill the buffer: an idle tunnel holds 4 KiB per
     // direction here, a busy one the full BUF_SIZE.
@@ -173,17 +167,34 @@ where
             w.shutdown().await?;
             return Ok(());
         }
-        activity.touch();
-        flow.before_write(n).await;
-        activity.touch();
         flow.inspect(&buf[..n]);
-        w.write_all(&buf[..n]).await?;
-        // A TLS writer (MITM) may hold encrypted records back after accepting plaintext;
-        // without a flush they would wait for the next write, which may never come.
-        w.flush().await?;
-        flow.written(n);
-        activity.touch();
+        pass(flow, activity, n, || write_out(w, &buf[..n])).await?;
     }
+}
+
+async fn write_out<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    // A TLS writer (MITM) may hold encrypted records back after accepting plaintext; without
+    // a flush they would wait for the next write, which may never come.
+    w.flush().await
+}
+
+/// One chunk of `n` bytes, read and not yet written, on its way through `flow`: the wait
+/// before it is written (the throttle), the write, and the note after. Every relay loop
+/// passes its chunks through here. The activity clock is touched on both sides of the wait,
+/// so a tunnel held back by its own budget is never taken for idle.
+pub(crate) async fn pass<F, W>(flow: &mut F, activity: &Activity, n: usize, write: impl FnOnce() -> W) -> io::Result<()>
+where
+    F: Flow,
+    W: Future<Output = io::Result<()>>,
+{
+    activity.touch();
+    flow.before_write(n).await;
+    activity.touch();
+    write().await?;
+    flow.written(n);
+    activity.touch();
+    Ok(())
 }
 
 /// A [`Flow`] that only counts into a local total: for tests and plain relays.

@@ -19,7 +19,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::relay::{Activity, BUF_SIZE, End, Flow, supervise};
+use crate::relay::{Activity, BUF_SIZE, End, Flow, pass, supervise};
 
 /// Bytes moved per splice when no budget limits the chunk, and the pipe capacity asked for:
 /// fewer, larger splices cost less CPU per byte. A pipe's capacity counts against the user's
@@ -139,9 +139,8 @@ pub async fn relay_tcp<FU: Flow, FD: Flow>(
         // Bytes that came with the CONNECT head go upstream before the client's next ones,
         // while the downstream direction already runs (an origin may talk first).
         let upward = async {
-            if !first_up.is_empty() {
-                write_first(upstream, first_up, up).await?;
-                activity.touch();
+            for piece in first_up.chunks(up.max_chunk().unwrap_or(BUF_SIZE).max(1)) {
+                pass(up, &activity, piece.len(), || write_all(upstream, piece)).await?;
             }
             pump(client, upstream, up, &activity, &ended).await
         };
@@ -154,15 +153,6 @@ async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         let n = dst.async_io(Interest::WRITABLE, || dst.try_write(bytes)).await?;
         bytes = &bytes[n..];
-    }
-    Ok(())
-}
-
-async fn write_first<F: Flow>(dst: &TcpStream, first: Vec<u8>, flow: &mut F) -> io::Result<()> {
-    for piece in first.chunks(flow.max_chunk().unwrap_or(BUF_SIZE).max(1)) {
-        flow.before_write(piece.len()).await;
-        write_all(dst, piece).await?;
-        flow.written(piece.len());
     }
     Ok(())
 }
@@ -184,7 +174,7 @@ async fn pump<F: Flow>(
         Ok(p) => p,
         Err(_) => return copy_to_end(src, dst, flow, activity, ended).await,
     };
-    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let src_fd = src.as_raw_fd();
     let (pipe_r, pipe_w) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
     loop {
         let want = flow.max_chunk().map_or(PIPE_CHUNK, |c| c.clamp(1, PIPE_CHUNK));
@@ -198,19 +188,21 @@ async fn pump<F: Flow>(
         if n == 0 {
             return pass_eof(dst, ended);
         }
-        activity.touch();
-        flow.before_write(n).await;
-        activity.touch();
-        let mut left = n;
-        while left > 0 {
-            match dst.async_io(Interest::WRITABLE, || splice(pipe_r, dst_fd, left)).await? {
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                m => left -= m,
-            }
-        }
-        flow.written(n);
-        activity.touch();
+        pass(flow, activity, n, || drain_pipe(pipe_r, dst, n)).await?;
     }
+}
+
+/// Splices the `n` bytes waiting in the pipe `pipe_r` out to `dst`.
+async fn drain_pipe(pipe_r: i32, dst: &TcpStream, n: usize) -> io::Result<()> {
+    let dst_fd = dst.as_raw_fd();
+    let mut left = n;
+    while left > 0 {
+        match dst.async_io(Interest::WRITABLE, || splice(pipe_r, dst_fd, left)).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            m => left -= m,
+        }
+    }
+    Ok(())
 }
 
 /// Half-close: pass the EOF on and let the other direction finish. The direction that ends
@@ -262,13 +254,8 @@ async fn copy<F: Flow>(
             pass_eof(dst, ended)?;
             return Ok(Copied::Eof);
         }
-        activity.touch();
-        flow.before_write(n).await;
-        activity.touch();
-        write_all(dst, &buf[..n]).await?;
+        pass(flow, activity, n, || write_all(dst, &buf[..n])).await?;
         pool::give(buf);
-        flow.written(n);
-        activity.touch();
         if until_bulk && n == want {
             return Ok(Copied::Bulk);
         }

@@ -180,13 +180,9 @@ impl Report {
         UR: AsyncRead + Unpin,
         UW: AsyncWrite + Unpin,
     {
-        let started = Instant::now();
-        let (_active, mut up, mut down) = self.instruments(&lease, watch.as_ref());
-        let end = relay::relay(client, upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
-        if let (Some(o), Some(d)) = (&watch, &down.observe) {
-            o.finish(d);
-        }
-        self.ended(Outcome::Relayed(end), started, up.total, down.total);
+        let mut m = self.instruments(&lease, watch);
+        let end = relay::relay(client, upstream, first_up, &mut m.up, &mut m.down, idle, &self.ctx.stop).await;
+        self.finish(m, end);
         drop(lease);
     }
 
@@ -246,11 +242,10 @@ impl Report {
     ) {
         #[cfg(target_os = "linux")]
         if let Some(tcp) = client.tcp() {
-            let started = Instant::now();
-            let (_active, mut up, mut down) = self.instruments(&lease, None);
-            let end =
-                crate::splice::relay_tcp(tcp, &upstream, first_up, &mut up, &mut down, idle, &self.ctx.stop).await;
-            self.ended(Outcome::Relayed(end), started, up.total, down.total);
+            let mut m = self.instruments(&lease, None);
+            let stop = &self.ctx.stop;
+            let end = crate::splice::relay_tcp(tcp, &upstream, first_up, &mut m.up, &mut m.down, idle, stop).await;
+            self.finish(m, end);
             drop(lease);
             return;
         }
@@ -260,13 +255,25 @@ impl Report {
         Box::pin(self.relay(tokio::io::split(client), upstream.split(), first_up, lease, idle, None)).await;
     }
 
-    /// The active-tunnel guard and both directions' meters (with observers, in MITM mode).
-    fn instruments(&self, lease: &Lease, watch: Option<&Observer>) -> (ActiveGuard, Meter, Meter) {
+    /// What a relay runs with: the active-tunnel guard and both directions' meters (with
+    /// observers, in MITM mode). Every relay starts here and ends in [`Report::finish`].
+    fn instruments(&self, lease: &Lease, watch: Option<Observer>) -> Instruments {
         let ctx = &self.ctx;
-        let active = ActiveGuard::new(ctx.metrics.tunnels_active(self.mode));
-        let up = Meter::new(ctx, lease, self.mode, Direction::Up, watch.map(|o| o.side(true)));
-        let down = Meter::new(ctx, lease, self.mode, Direction::Down, watch.map(|o| o.side(false)));
-        (active, up, down)
+        Instruments {
+            started: Instant::now(),
+            _active: ActiveGuard::new(ctx.metrics.tunnels_active(self.mode)),
+            up: Meter::new(ctx, lease, self.mode, Direction::Up, watch.as_ref().map(|o| o.side(true))),
+            down: Meter::new(ctx, lease, self.mode, Direction::Down, watch.as_ref().map(|o| o.side(false))),
+            watch,
+        }
+    }
+
+    /// Closes the observation (MITM) and reports the relay's end.
+    fn finish(&self, m: Instruments, end: End) {
+        if let (Some(o), Some(d)) = (&m.watch, &m.down.observe) {
+            o.finish(d);
+        }
+        self.ended(Outcome::Relayed(end), m.started, m.up.total, m.down.total);
     }
 
     fn ended(&self, outcome: Outcome, started: Instant, bytes_up: u64, bytes_down: u64) {
@@ -283,6 +290,15 @@ impl Report {
             "tunnel closed"
         );
     }
+}
+
+/// A running relay's instruments; see [`Report::instruments`].
+struct Instruments {
+    started: Instant,
+    _active: ActiveGuard,
+    up: Meter,
+    down: Meter,
+    watch: Option<Observer>,
 }
 
 /// How a tunnel ended: its relay's end, or, for an interception, that it never got to
