@@ -56,14 +56,14 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, stop: CancellationT
                         // with connections nobody will serve. Counted, not logged: a log line
                         // per connection would amplify the flood.
                         let _ = stream.try_write(BUSY);
-                        ctx.metrics.admin_refused.increment(1);
+                        ctx.metrics.admin.refused.increment(1);
                     }
                 }
             }
             Err(e) if crate::server::is_per_connection(&e) => {}
             Err(e) => {
                 // As on the proxy listener: the process is short of descriptors or buffers.
-                ctx.metrics.accept_errors.increment(1);
+                ctx.metrics.listeners.accept_errors.increment(1);
                 tracing::warn!(error = %e, backoff = ?backoff, "admin accept failed; backing off");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}

@@ -24,36 +24,29 @@ pub const OUTCOMES: [&str; 5] = ["closed", "idle_timeout", "error", "shutdown", 
 const DURATION_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0];
 const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// The handles of one proxy instance.
+/// The handles of one proxy instance: one struct per subsystem, each registering its own
+/// series in its `new`. A new series goes in the struct of the subsystem that counts it; a new
+/// refusal reason needs only [`Refusal::REASONS`], which registers it at zero here.
 pub struct Metrics {
     handle: PrometheusHandle,
-    accepted: HashMap<SocketAddr, Counter>,
-    tunnels_active: HashMap<&'static str, Gauge>,
-    tunnels_total: HashMap<(&'static str, &'static str), Counter>,
-    refusals: HashMap<&'static str, Counter>,
-    bytes: HashMap<(&'static str, &'static str), Counter>,
-    throttle_wait: HashMap<(&'static str, &'static str), Gauge>,
-    /// Tunnel lifetime in seconds.
-    pub tunnel_duration: Histogram,
-    /// Upstream connect time in seconds.
-    pub upstream_connect: Histogram,
-    /// DNS lookup time in seconds (only lookups that asked a resolver).
-    pub dns_lookup: Histogram,
-    limiter_keys: HashMap<&'static str, Gauge>,
-    config_reloads: HashMap<&'static str, Counter>,
-    config_max_tunnels: Gauge,
-    /// Accepts that failed for want of a resource (EMFILE, ENFILE, ENOBUFS): the listener
-    /// backs off and keeps serving, and this says it had to.
-    pub accept_errors: Counter,
-    /// Admin connections over the admin listener's bounds, closed at once.
-    pub admin_refused: Counter,
-    /// bcrypt verifications computed (each a slow hash; cache answers are not counted).
-    pub auth_hashes: Counter,
-    /// MITM leaf certificates minted.
-    pub mitm_certs_minted: Counter,
-    /// MITM leaf certificates served from the cache.
-    pub mitm_cert_cache_hits: Counter,
-    tls_handshake_failures: HashMap<&'static str, Counter>,
+    /// Accepts on the listeners (the proxy's and the admin one).
+    pub listeners: ListenerMetrics,
+    /// Tunnels: open, ended, bytes relayed, lifetime.
+    pub tunnels: TunnelMetrics,
+    /// Requests answered with an error status.
+    pub refusals: RefusalMetrics,
+    /// Reaching the upstream: name lookups and connects.
+    pub dial: DialMetrics,
+    /// The governor: bandwidth waits and the per-client state it tracks.
+    pub limits: LimitMetrics,
+    /// Proxy authentication.
+    pub auth: AuthMetrics,
+    /// The admin listener.
+    pub admin: AdminMetrics,
+    /// Interception: minted leaves and failed handshakes.
+    pub mitm: MitmMetrics,
+    /// Reloads and the configured limits operators compare usage against.
+    pub config: ConfigMetrics,
 }
 
 struct Reg<'a> {
@@ -85,20 +78,17 @@ impl Reg<'_> {
     }
 }
 
-impl Metrics {
-    /// Builds the recorder and registers every series for these listeners.
-    pub fn new(listeners: &[SocketAddr]) -> Metrics {
-        let rec = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full("veilgate_tunnel_duration_seconds".into()), DURATION_BUCKETS)
-            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("connect_duration_seconds".into()), CONNECT_BUCKETS))
-            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("lookup_duration_seconds".into()), CONNECT_BUCKETS))
-            .expect("bucket lists are not empty")
-            .build_recorder();
-        let r = Reg { rec: &rec };
-        let modes: Vec<&'static str> = MODES.iter().map(|m| m.as_str()).collect();
-        let dirs = [Direction::Up.as_str(), Direction::Down.as_str()];
-        let mut m = Metrics {
-            handle: rec.handle(),
+/// Accepts, by listener; the listener's own failures.
+pub struct ListenerMetrics {
+    accepted: HashMap<SocketAddr, Counter>,
+    /// Accepts that failed for want of a resource (EMFILE, ENFILE, ENOBUFS): the listener
+    /// backs off and keeps serving, and this says it had to.
+    pub accept_errors: Counter,
+}
+
+impl ListenerMetrics {
+    fn new(r: &Reg, listeners: &[SocketAddr]) -> ListenerMetrics {
+        ListenerMetrics {
             accepted: listeners
                 .iter()
                 .map(|l| {
@@ -112,12 +102,68 @@ impl Metrics {
                     )
                 })
                 .collect(),
-            tunnels_active: modes
+            accept_errors: r.counter(
+                "veilgate_accept_errors_total",
+                "Accepts that failed for want of a resource (descriptors, buffers); the listener backs off.",
+                &[],
+            ),
+        }
+    }
+}
+
+/// Tunnels by mode: open now, ended by outcome, bytes by direction, lifetime.
+pub struct TunnelMetrics {
+    active: HashMap<&'static str, Gauge>,
+    ended: HashMap<(&'static str, &'static str), Counter>,
+    bytes: HashMap<(&'static str, &'static str), Counter>,
+    /// Tunnel lifetime in seconds.
+    pub duration: Histogram,
+}
+
+impl TunnelMetrics {
+    fn new(r: &Reg) -> TunnelMetrics {
+        let modes: Vec<&'static str> = MODES.iter().map(|m| m.as_str()).collect();
+        let dirs = [Direction::Up.as_str(), Direction::Down.as_str()];
+        let mut t = TunnelMetrics {
+            active: modes
                 .iter()
                 .map(|m| (*m, r.gauge("veilgate_tunnels_active", "Tunnels open now, by mode.", &[("mode", m)])))
                 .collect(),
-            tunnels_total: HashMap::new(),
-            refusals: Refusal::REASONS
+            ended: HashMap::new(),
+            bytes: HashMap::new(),
+            duration: r.histogram("veilgate_tunnel_duration_seconds", "Tunnel lifetime from 200 to close."),
+        };
+        for mode in &modes {
+            for outcome in OUTCOMES {
+                let c = r.counter(
+                    "veilgate_tunnels_total",
+                    "Tunnels ended, by mode and outcome.",
+                    &[("mode", mode), ("outcome", outcome)],
+                );
+                t.ended.insert((mode, outcome), c);
+            }
+            for dir in dirs {
+                let c = r.counter(
+                    "veilgate_tunnel_bytes_total",
+                    "Bytes relayed through tunnels, by mode and direction (up = client to origin).",
+                    &[("mode", mode), ("direction", dir)],
+                );
+                t.bytes.insert((mode, dir), c);
+            }
+        }
+        t
+    }
+}
+
+/// Refusals by reason, every reason in [`Refusal::REASONS`].
+pub struct RefusalMetrics {
+    by_reason: HashMap<&'static str, Counter>,
+}
+
+impl RefusalMetrics {
+    fn new(r: &Reg) -> RefusalMetrics {
+        RefusalMetrics {
+            by_reason: Refusal::REASONS
                 .iter()
                 .map(|reason| {
                     (
@@ -130,16 +176,45 @@ impl Metrics {
                     )
                 })
                 .collect(),
-            bytes: HashMap::new(),
-            throttle_wait: HashMap::new(),
-            tunnel_duration: r.histogram("veilgate_tunnel_duration_seconds", "Tunnel lifetime from 200 to close."),
+        }
+    }
+}
+
+/// Time to reach the upstream.
+pub struct DialMetrics {
+    /// Upstream connect time in seconds.
+    pub upstream_connect: Histogram,
+    /// DNS lookup time in seconds (only lookups that asked a resolver).
+    pub dns_lookup: Histogram,
+}
+
+impl DialMetrics {
+    fn new(r: &Reg) -> DialMetrics {
+        DialMetrics {
             upstream_connect: r.histogram(
                 "veilgate_upstream_connect_duration_seconds",
                 "Time to connect to the upstream (happy eyeballs, all attempts).",
             ),
             dns_lookup: r
                 .histogram("veilgate_dns_lookup_duration_seconds", "Time of DNS lookups that asked a resolver."),
-            limiter_keys: ["clients", "new_tunnel_rate", "auth_attempts"]
+        }
+    }
+}
+
+/// The governor: time spent waiting for bandwidth, keys its limiters track.
+pub struct LimitMetrics {
+    throttle_wait: HashMap<(&'static str, &'static str), Gauge>,
+    /// By limiter; `auth_attempts` is the authentication-attempt limiter's, set by the server
+    /// with the others.
+    keys: HashMap<&'static str, Gauge>,
+}
+
+impl LimitMetrics {
+    fn new(r: &Reg) -> LimitMetrics {
+        let dirs = [Direction::Up.as_str(), Direction::Down.as_str()];
+        let mut l = LimitMetrics {
+            throttle_wait: HashMap::new(),
+            keys: ["clients", "new_tunnel_rate", "auth_attempts"]
                 .iter()
                 .map(|l| {
                     (
@@ -152,7 +227,102 @@ impl Metrics {
                     )
                 })
                 .collect(),
-            config_reloads: ["ok", "error"]
+        };
+        for scope in Scope::ALL {
+            for dir in dirs {
+                // Seconds are fractional and `metrics` counters are integers, so this is a gauge
+                // that only grows: use rate() on it like a counter.
+                let c = r.gauge(
+                    "veilgate_throttle_wait_seconds",
+                    "Cumulative seconds tunnels spent waiting for bandwidth budget, by scope and direction (only grows).",
+                    &[("scope", scope.as_str()), ("direction", dir)],
+                );
+                l.throttle_wait.insert((scope.as_str(), dir), c);
+            }
+        }
+        l
+    }
+}
+
+/// Proxy authentication's cost.
+pub struct AuthMetrics {
+    /// bcrypt verifications computed (each a slow hash; cache answers are not counted).
+    pub hashes: Counter,
+}
+
+impl AuthMetrics {
+    fn new(r: &Reg) -> AuthMetrics {
+        AuthMetrics {
+            hashes: r.counter(
+                "veilgate_auth_hashes_total",
+                "bcrypt verifications computed for proxy authentication (cache answers not counted).",
+                &[],
+            ),
+        }
+    }
+}
+
+/// The admin listener's own bounds.
+pub struct AdminMetrics {
+    /// Admin connections over the admin listener's bounds, closed at once.
+    pub refused: Counter,
+}
+
+impl AdminMetrics {
+    fn new(r: &Reg) -> AdminMetrics {
+        AdminMetrics {
+            refused: r.counter(
+                "veilgate_admin_connections_refused_total",
+                "Admin connections closed at once because the admin listener held its most, in all or for that client.",
+                &[],
+            ),
+        }
+    }
+}
+
+/// Interception: leaves minted or reused, handshakes that failed.
+pub struct MitmMetrics {
+    /// MITM leaf certificates minted.
+    pub certs_minted: Counter,
+    /// MITM leaf certificates served from the cache.
+    pub cert_cache_hits: Counter,
+    tls_handshake_failures: HashMap<&'static str, Counter>,
+}
+
+impl MitmMetrics {
+    fn new(r: &Reg) -> MitmMetrics {
+        MitmMetrics {
+            certs_minted: r.counter(
+                "veilgate_mitm_certs_minted_total",
+                "Leaf certificates minted for MITM routes.",
+                &[],
+            ),
+            cert_cache_hits: r.counter(
+                "veilgate_mitm_cert_cache_hits_total",
+                "MITM leaf certificates served from the cache.",
+                &[],
+            ),
+            tls_handshake_failures: ["client", "upstream"]
+                .iter()
+                .map(|side| {
+                    let help = "TLS handshakes that failed in MITM mode, by side.";
+                    (*side, r.counter("veilgate_tls_handshake_failures_total", help, &[("side", side)]))
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Reloads by result, and the configured limits.
+pub struct ConfigMetrics {
+    reloads: HashMap<&'static str, Counter>,
+    max_tunnels: Gauge,
+}
+
+impl ConfigMetrics {
+    fn new(r: &Reg) -> ConfigMetrics {
+        ConfigMetrics {
+            reloads: ["ok", "error"]
                 .iter()
                 .map(|res| {
                     (
@@ -165,74 +335,37 @@ impl Metrics {
                     )
                 })
                 .collect(),
-            config_max_tunnels: r.gauge(
+            max_tunnels: r.gauge(
                 "veilgate_config_max_tunnels",
                 "Configured global tunnel cap (limits.max_tunnels); 0 when unlimited.",
                 &[],
             ),
-            accept_errors: r.counter(
-                "veilgate_accept_errors_total",
-                "Accepts that failed for want of a resource (descriptors, buffers); the listener backs off.",
-                &[],
-            ),
-            admin_refused: r.counter(
-                "veilgate_admin_connections_refused_total",
-                "Admin connections closed at once because the admin listener held its most, in all or for that client.",
-                &[],
-            ),
-            auth_hashes: r.counter(
-                "veilgate_auth_hashes_total",
-                "bcrypt verifications computed for proxy authentication (cache answers not counted).",
-                &[],
-            ),
-            mitm_certs_minted: r.counter(
-                "veilgate_mitm_certs_minted_total",
-                "Leaf certificates minted for MITM routes.",
-                &[],
-            ),
-            mitm_cert_cache_hits: r.counter(
-                "veilgate_mitm_cert_cache_hits_total",
-                "MITM leaf certificates served from the cache.",
-                &[],
-            ),
-            tls_handshake_failures: ["client", "upstream"]
-                .iter()
-                .map(|side| {
-                    let help = "TLS handshakes that failed in MITM mode, by side.";
-                    (*side, r.counter("veilgate_tls_handshake_failures_total", help, &[("side", side)]))
-                })
-                .collect(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Builds the recorder and registers every series for these listeners.
+    pub fn new(listeners: &[SocketAddr]) -> Metrics {
+        let rec = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full("veilgate_tunnel_duration_seconds".into()), DURATION_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("connect_duration_seconds".into()), CONNECT_BUCKETS))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("lookup_duration_seconds".into()), CONNECT_BUCKETS))
+            .expect("bucket lists are not empty")
+            .build_recorder();
+        let r = Reg { rec: &rec };
+        let m = Metrics {
+            handle: rec.handle(),
+            listeners: ListenerMetrics::new(&r, listeners),
+            tunnels: TunnelMetrics::new(&r),
+            refusals: RefusalMetrics::new(&r),
+            dial: DialMetrics::new(&r),
+            limits: LimitMetrics::new(&r),
+            auth: AuthMetrics::new(&r),
+            admin: AdminMetrics::new(&r),
+            mitm: MitmMetrics::new(&r),
+            config: ConfigMetrics::new(&r),
         };
-        for mode in &modes {
-            for outcome in OUTCOMES {
-                let c = r.counter(
-                    "veilgate_tunnels_total",
-                    "Tunnels ended, by mode and outcome.",
-                    &[("mode", mode), ("outcome", outcome)],
-                );
-                m.tunnels_total.insert((mode, outcome), c);
-            }
-            for dir in dirs {
-                let c = r.counter(
-                    "veilgate_tunnel_bytes_total",
-                    "Bytes relayed through tunnels, by mode and direction (up = client to origin).",
-                    &[("mode", mode), ("direction", dir)],
-                );
-                m.bytes.insert((mode, dir), c);
-            }
-        }
-        for scope in Scope::ALL {
-            for dir in dirs {
-                // Seconds are fractional and `metrics` counters are integers, so this is a gauge
-                // that only grows: use rate() on it like a counter.
-                let c = r.gauge(
-                    "veilgate_throttle_wait_seconds",
-                    "Cumulative seconds tunnels spent waiting for bandwidth budget, by scope and direction (only grows).",
-                    &[("scope", scope.as_str()), ("direction", dir)],
-                );
-                m.throttle_wait.insert((scope.as_str(), dir), c);
-            }
-        }
         r.gauge(
             "veilgate_build_info",
             "Build information; the value is always 1.",
@@ -254,73 +387,73 @@ impl Metrics {
 
     /// A connection was accepted on `listener`.
     pub fn accepted(&self, listener: SocketAddr) {
-        if let Some(c) = self.accepted.get(&listener) {
+        if let Some(c) = self.listeners.accepted.get(&listener) {
             c.increment(1);
         }
     }
 
     /// A request was refused.
     pub fn refused(&self, r: &Refusal) {
-        if let Some(c) = self.refusals.get(r.reason()) {
+        if let Some(c) = self.refusals.by_reason.get(r.reason()) {
             c.increment(1);
         }
     }
 
     /// The active-tunnel gauge for a mode.
     pub fn tunnels_active(&self, mode: Mode) -> Gauge {
-        self.tunnels_active.get(mode.as_str()).cloned().unwrap_or_else(Gauge::noop)
+        self.tunnels.active.get(mode.as_str()).cloned().unwrap_or_else(Gauge::noop)
     }
 
     /// A tunnel ended.
     pub fn tunnel_ended(&self, mode: Mode, outcome: &'static str, duration: Duration) {
-        if let Some(c) = self.tunnels_total.get(&(mode.as_str(), outcome)) {
+        if let Some(c) = self.tunnels.ended.get(&(mode.as_str(), outcome)) {
             c.increment(1);
         }
-        self.tunnel_duration.record(duration.as_secs_f64());
+        self.tunnels.duration.record(duration.as_secs_f64());
     }
 
     /// The byte counter for a mode and direction (cloned into the tunnel's flows).
     pub fn bytes(&self, mode: Mode, dir: Direction) -> Counter {
-        self.bytes.get(&(mode.as_str(), dir.as_str())).cloned().unwrap_or_else(Counter::noop)
+        self.tunnels.bytes.get(&(mode.as_str(), dir.as_str())).cloned().unwrap_or_else(Counter::noop)
     }
 
     /// The throttle-wait accumulator for a scope and direction.
     pub fn throttle_wait(&self, scope: Scope, dir: Direction) -> Gauge {
-        self.throttle_wait.get(&(scope.as_str(), dir.as_str())).cloned().unwrap_or_else(Gauge::noop)
+        self.limits.throttle_wait.get(&(scope.as_str(), dir.as_str())).cloned().unwrap_or_else(Gauge::noop)
     }
 
     /// Sets the tracked-keys gauges.
     pub fn limiter_keys(&self, clients: usize, rate: usize) {
-        if let Some(g) = self.limiter_keys.get("clients") {
+        if let Some(g) = self.limits.keys.get("clients") {
             g.set(clients as f64);
         }
-        if let Some(g) = self.limiter_keys.get("new_tunnel_rate") {
+        if let Some(g) = self.limits.keys.get("new_tunnel_rate") {
             g.set(rate as f64);
         }
     }
 
     /// Sets the tracked-keys gauge of the authentication-attempt limiter.
     pub fn auth_attempt_keys(&self, keys: usize) {
-        if let Some(g) = self.limiter_keys.get("auth_attempts") {
+        if let Some(g) = self.limits.keys.get("auth_attempts") {
             g.set(keys as f64);
         }
     }
 
     /// Publishes the configured limits operators compare usage against.
     pub fn configured(&self, config: &crate::config::Config) {
-        self.config_max_tunnels.set(f64::from(config.limits.max_tunnels.unwrap_or(0)));
+        self.config.max_tunnels.set(f64::from(config.limits.max_tunnels.unwrap_or(0)));
     }
 
     /// A TLS handshake failed on `side` (`client` or `upstream`).
     pub fn tls_handshake_failed(&self, side: &'static str) {
-        if let Some(c) = self.tls_handshake_failures.get(side) {
+        if let Some(c) = self.mitm.tls_handshake_failures.get(side) {
             c.increment(1);
         }
     }
 
     /// A reload finished.
     pub fn config_reloaded(&self, ok: bool) {
-        if let Some(c) = self.config_reloads.get(if ok { "ok" } else { "error" }) {
+        if let Some(c) = self.config.reloads.get(if ok { "ok" } else { "error" }) {
             c.increment(1);
         }
     }

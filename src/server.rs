@@ -217,7 +217,7 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Context>,
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS: the listener is fine; the process is short of
                 // something. Back off so the loop does not spin, and keep serving.
-                ctx.metrics.accept_errors.increment(1);
+                ctx.metrics.listeners.accept_errors.increment(1);
                 error!(%addr, error = %e, backoff = ?backoff, "accept failed; backing off");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}

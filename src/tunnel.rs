@@ -48,7 +48,7 @@ impl<C: ClientConn> Tunnel<C> {
             None => shared.client_key(self.client.addr.ip()),
             Some(auth) => {
                 let from = shared.client_key(self.client.addr.ip());
-                let hashes = &ctx.metrics.auth_hashes;
+                let hashes = &ctx.metrics.auth.hashes;
                 match auth.check(req.proxy_authorization.as_deref(), &from, &ctx.governor, hashes).await {
                     Verdict::User(user) => ClientKey::User(user),
                     Verdict::Denied => return self.refuse(Refusal::AuthRequired, &req).await,
@@ -86,9 +86,9 @@ impl<C: ClientConn> Tunnel<C> {
         if let Some(bytes) = receive_window(&lease, Direction::Down) {
             dial::set_receive_buffer(&upstream.stream, bytes);
         }
-        ctx.metrics.upstream_connect.record(upstream.connect_time.as_secs_f64());
+        ctx.metrics.dial.upstream_connect.record(upstream.connect_time.as_secs_f64());
         if let Some(t) = upstream.lookup_time {
-            ctx.metrics.dns_lookup.record(t.as_secs_f64());
+            ctx.metrics.dial.dns_lookup.record(t.as_secs_f64());
         }
         if self.conn.established(req.minor_version).await.is_err() {
             debug!("client left before the 200");
@@ -204,9 +204,9 @@ impl Report {
         match interceptor.intercept(client, leftover, upstream, &self.target, deadline).await {
             Ok(tls) => {
                 if tls.minted {
-                    ctx.metrics.mitm_certs_minted.increment(1);
+                    ctx.metrics.mitm.certs_minted.increment(1);
                 } else {
-                    ctx.metrics.mitm_cert_cache_hits.increment(1);
+                    ctx.metrics.mitm.cert_cache_hits.increment(1);
                 }
                 // HTTP/2 is relayed and recorded as one opaque stream (the tunnel's own event).
                 let h2 = tls.alpn.as_deref() == Some(b"h2");
