@@ -74,6 +74,5 @@ async fn the_tls_front_speaks_the_same_exchange() {
 #[should_panic(expected = "waiting for the answer; last seen: 41")]
 async fn a_wait_that_times_out_names_what_it_saw() {
     let reach = |k: &i32| *k == 42;
-    eventually_within(std::time::Duration::from_millis(50), "the answer", async || 41, reach)
-    .await;
+    eventually_within(std::time::Duration::from_millis(50), "the answer", async || 41, reach).await;
 }

@@ -63,8 +63,12 @@ async fn abrupt_resets_never_leak_a_slot() {
         socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO)).unwrap();
         drop(std);
         if round % 50 == 49 {
-            eventually("127.0.0.4 under its cap", async || proxy.controller.active_for_ip(ip("127.0.0.4")), |n| *n <= 7)
-                .await;
+            eventually(
+                "127.0.0.4 under its cap",
+                async || proxy.controller.active_for_ip(ip("127.0.0.4")),
+                |n| *n <= 7,
+            )
+            .await;
         }
     }
     eventually(
@@ -202,7 +206,8 @@ async fn reload_raises_and_lowers_caps_with_tunnels_open() {
     bounded(s.read_exact(&mut b)).await.unwrap();
     // Only when the count drops below the new cap is a tunnel admitted again.
     held.truncate(0);
-    eventually("127.0.0.2's tunnels closed", async || proxy.controller.active_for_ip(ip("127.0.0.2")), |n| *n == 0).await;
+    eventually("127.0.0.2's tunnels closed", async || proxy.controller.active_for_ip(ip("127.0.0.2")), |n| *n == 0)
+        .await;
     assert_eq!(open(&proxy, "127.0.0.2", &origin).await.0.status, 200);
     assert_eq!(proxy.metric("veilgate_config_reloads_total{result=\"ok\"}").await, 2.0);
 }

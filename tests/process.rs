@@ -45,13 +45,21 @@ fn sighup_reloads_and_survives_an_invalid_file_then_sigterm_exits_0() {
         .spawn()
         .unwrap();
     let mut vg = Veilgate(child);
-    eventually_blocking("health", || get(admin_addr, "/healthz"), |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    eventually_blocking(
+        "health",
+        || get(admin_addr, "/healthz"),
+        |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+    );
     let scrape = || get(admin_addr, "/metrics").unwrap_or_default();
     assert_eq!(series(&scrape(), "veilgate_config_max_tunnels"), Some(10.0));
 
     std::fs::write(&file, "[limits]\nmax_tunnels = \"many\"\n").unwrap();
     signal(&vg.0, libc::SIGHUP);
-    eventually_blocking("a failed reload", || series(&scrape(), "veilgate_config_reloads_total{result=\"error\"}"), |n| *n == Some(1.0));
+    eventually_blocking(
+        "a failed reload",
+        || series(&scrape(), "veilgate_config_reloads_total{result=\"error\"}"),
+        |n| *n == Some(1.0),
+    );
     assert_eq!(series(&scrape(), "veilgate_config_max_tunnels"), Some(10.0), "old config kept");
     assert!(get(admin_addr, "/readyz").unwrap().starts_with("HTTP/1.1 200"), "still serving");
 
@@ -77,7 +85,8 @@ fn run_to_end(args: &[&str], cwd: &Path) -> (Option<i32>, String, String) {
         .spawn()
         .unwrap();
     let mut vg = Veilgate(child);
-    let status = eventually_blocking(&format!("veilgate {args:?} to exit"), || vg.0.try_wait().unwrap(), Option::is_some);
+    let status =
+        eventually_blocking(&format!("veilgate {args:?} to exit"), || vg.0.try_wait().unwrap(), Option::is_some);
     let code = status.and_then(|s| s.code());
     let (mut out, mut err) = (String::new(), String::new());
     vg.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
@@ -206,7 +215,11 @@ fn relative_paths_follow_the_config_file_and_a_bad_file_on_reload_keeps_the_runn
         .spawn()
         .unwrap();
     let vg = Veilgate(child);
-    eventually_blocking("health", || get(admin_addr, "/healthz"), |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    eventually_blocking(
+        "health",
+        || get(admin_addr, "/healthz"),
+        |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+    );
     assert_eq!(connect_status(proxy_addr, "alice:wonderland"), 403, "credentials read from the relative file");
     assert_eq!(connect_status(proxy_addr, "alice:wrong"), 407);
 
@@ -214,7 +227,11 @@ fn relative_paths_follow_the_config_file_and_a_bad_file_on_reload_keeps_the_runn
     std::fs::write(&users, common::htpasswd_line("alice", "changed", FAST_COST) + "bob:plaintext\n").unwrap();
     std::fs::write(&file, config(20)).unwrap();
     signal(&vg.0, libc::SIGHUP);
-    eventually_blocking("a failed reload", || series(&scrape(), "veilgate_config_reloads_total{result=\"error\"}"), |n| *n == Some(1.0));
+    eventually_blocking(
+        "a failed reload",
+        || series(&scrape(), "veilgate_config_reloads_total{result=\"error\"}"),
+        |n| *n == Some(1.0),
+    );
     assert_eq!(series(&scrape(), "veilgate_config_max_tunnels"), Some(10.0), "the whole old config kept");
     assert_eq!(connect_status(proxy_addr, "alice:wonderland"), 403, "and its credentials");
 

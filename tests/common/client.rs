@@ -89,7 +89,8 @@ impl Client {
         match front {
             Front::Plain => Ok(Client::Plain(tcp)),
             Front::Tls { config, name } => {
-                let tls = bounded(tokio_rustls::TlsConnector::from(Arc::clone(config)).connect(name.clone(), tcp)).await?;
+                let tls =
+                    bounded(tokio_rustls::TlsConnector::from(Arc::clone(config)).connect(name.clone(), tcp)).await?;
                 Ok(Client::Tls(Box::new(tls)))
             }
         }
