@@ -7,20 +7,11 @@ mod common;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-/// A credentials file of (user, password, bcrypt cost).
-fn htpasswd(dir: &tempfile::TempDir, users: &[(&str, &str, u32)]) -> std::path::PathBuf {
-    let path = dir.path().join("users.htpasswd");
-    let lines: Vec<String> = users.iter().map(|(u, p, c)| format!("{u}:{}", bcrypt::hash(p, *c).unwrap())).collect();
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
 }
 
 async fn proxy_with_users(
@@ -39,14 +30,8 @@ async fn proxy_with_users(
 
 /// CONNECT with `user:password` (if any) from `from`; the reply head.
 async fn connect_as(proxy: &TestProxy, from: &str, target: &str, credentials: Option<&str>) -> ReplyHead {
-    let mut s = dial_proxy(proxy.addr, Some(ip(from))).await;
-    let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
-    if let Some(c) = credentials {
-        req += &format!("Proxy-Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(c));
-    }
-    req += "\r\n";
-    s.write_all(req.as_bytes()).await.unwrap();
-    let head = read_reply_head(&mut s).await;
+    let mut s = Client::open(proxy.addr, Some(ip(from)), &Front::Plain).await.unwrap();
+    let head = s.connect_as(target, credentials).await;
     if head.status == 200 {
         s.write_all(b"ping").await.unwrap();
         let mut echo = [0u8; 4];
@@ -81,12 +66,7 @@ async fn wrong_passwords_from_one_address_do_not_lock_out_another() {
         })
         .collect();
     // Once most attempts were turned away, the first twenty (the burst) are waiting or hashing.
-    bounded(async {
-        while refusals(&proxy, "auth_attempts").await < 30.0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    eventually("30 attempts turned away", async || refusals(&proxy, "auth_attempts").await, |n| *n >= 30.0).await;
     let started = Instant::now();
     let bob = connect_as(&proxy, "127.0.0.3", &t, Some("bob:builder")).await;
     let waited = started.elapsed();

@@ -16,27 +16,14 @@ async fn running_tunnels_finish_while_new_clients_are_turned_away() {
     assert_eq!(proxy.admin_get("/readyz").await.0, 200);
     let (head, mut s) = connect_via(proxy.addr, &origin.addr.to_string()).await;
     assert_eq!(head.status, 200);
-    let admin = proxy.admin.unwrap();
     let stopped = proxy.begin_shutdown();
     // Readiness flips and the listener closes.
-    bounded(async {
-        loop {
-            let mut a = tokio::net::TcpStream::connect(admin).await.unwrap();
-            a.write_all(b"GET /readyz HTTP/1.1\r\n\r\n").await.unwrap();
-            let mut out = String::new();
-            a.read_to_string(&mut out).await.unwrap();
-            if out.starts_with("HTTP/1.1 503") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    bounded(async {
-        while tokio::net::TcpStream::connect(proxy.addr).await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+    eventually("/readyz to say 503", async || proxy.admin_get("/readyz").await.0, |status| *status == 503).await;
+    eventually(
+        "the proxy listener to close",
+        async || tokio::net::TcpStream::connect(proxy.addr).await.is_ok(),
+        |accepting| !*accepting,
+    )
     .await;
     // The running tunnel still works.
     s.write_all(b"still here").await.unwrap();
@@ -75,7 +62,7 @@ async fn clients_still_sending_their_head_are_dropped_at_drain() {
     let mut proxy = TestProxy::start("").await;
     let mut s = dial_proxy(proxy.addr, None).await;
     s.write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually("the connection in its head phase", async || proxy.controller.pending_heads(), |n| *n == 1).await;
     bounded(proxy.begin_shutdown()).await.unwrap();
     let mut buf = Vec::new();
     let _ = bounded(s.read_to_end(&mut buf)).await;

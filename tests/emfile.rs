@@ -24,7 +24,13 @@ async fn accept_survives_descriptor_exhaustion() {
     // backlog, and the proxy's accept of it fails with EMFILE while the table is full.
     hogs.pop();
     let stuck = tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(proxy.addr)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Read in-process: a scrape would need a descriptor, and there is none.
+    eventually(
+        "the listener to hit EMFILE",
+        async || metric_value(&proxy.controller.render_metrics(), "veilgate_accept_errors_total"),
+        |errors| errors.is_some_and(|n| n >= 1.0),
+    )
+    .await;
     // Give the descriptors back; the listener must still be alive and serve a new tunnel.
     drop(hogs);
     drop(stuck);

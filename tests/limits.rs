@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use veilgate::Config;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -46,12 +45,8 @@ async fn per_client_cap_admits_exactly_the_cap() {
     assert_eq!(head.status, 200);
     // Closing one frees one slot.
     drop(held.pop());
-    bounded(async {
-        while proxy.controller.active_for_ip(ip("127.0.0.2")) != 3 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    eventually("127.0.0.2 down to 3 tunnels", async || proxy.controller.active_for_ip(ip("127.0.0.2")), |n| *n == 3)
+        .await;
     assert_eq!(open(&proxy, "127.0.0.2", &origin).await.0.status, 200);
 }
 
@@ -68,19 +63,19 @@ async fn abrupt_resets_never_leak_a_slot() {
         socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO)).unwrap();
         drop(std);
         if round % 50 == 49 {
-            bounded(async {
-                while proxy.controller.active_for_ip(ip("127.0.0.4")) > 7 {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            })
+            eventually(
+                "127.0.0.4 under its cap",
+                async || proxy.controller.active_for_ip(ip("127.0.0.4")),
+                |n| *n <= 7,
+            )
             .await;
         }
     }
-    bounded(async {
-        while proxy.controller.active_for_ip(ip("127.0.0.4")) != 0 || proxy.controller.active_tunnels() != 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
+    eventually(
+        "no tunnel left, for 127.0.0.4 or in all",
+        async || (proxy.controller.active_for_ip(ip("127.0.0.4")), proxy.controller.active_tunnels()),
+        |counts| *counts == (0, 0),
+    )
     .await;
     assert_eq!(proxy.metric("veilgate_tunnels_active{mode=\"tunnel\"}").await, 0.0);
 }
@@ -134,30 +129,9 @@ async fn timed_download(proxy: &TestProxy, from: &str, origin: &Origin, len: usi
     started.elapsed()
 }
 
-/// An origin that reads an 8-byte length and sends that many bytes.
-async fn source_origin() -> Origin {
-    Origin::spawn(|mut s| async move {
-        let mut len = [0u8; 8];
-        if s.read_exact(&mut len).await.is_err() {
-            return;
-        }
-        let mut left = u64::from_be_bytes(len) as usize;
-        let chunk = vec![0x5au8; 64 * 1024];
-        while left > 0 {
-            let n = left.min(chunk.len());
-            if s.write_all(&chunk[..n]).await.is_err() {
-                return;
-            }
-            left -= n;
-        }
-        let _ = s.shutdown().await;
-    })
-    .await
-}
-
 #[tokio::test]
 async fn bandwidth_is_paced_and_clients_are_isolated() {
-    let origin = source_origin().await;
+    let origin = Origin::source().await;
     let toml = format!("[limits.per_client]\nbandwidth_down = \"1 MiB/s\"\n{}", loopback_policy(&[origin.port()]));
     let proxy = TestProxy::start(&toml).await;
     // Two clients at once, 2 MiB each at 1 MiB/s each: each lasts 1.5 s to 3 s. Were the
@@ -175,7 +149,7 @@ async fn bandwidth_is_paced_and_clients_are_isolated() {
 
 #[tokio::test]
 async fn one_clients_tunnels_share_its_budget() {
-    let origin = source_origin().await;
+    let origin = Origin::source().await;
     let toml = format!("[limits.per_client]\nbandwidth_down = \"2 MiB/s\"\n{}", loopback_policy(&[origin.port()]));
     let proxy = TestProxy::start(&toml).await;
     // Two tunnels of one client, 2 MiB each = 4 MiB at 2 MiB/s: about 2 s for both, and
@@ -213,12 +187,7 @@ async fn route_limits_apply_to_their_destinations() {
 async fn reload_raises_and_lowers_caps_with_tunnels_open() {
     let origin = Origin::echo().await;
     let base = loopback_policy(&[origin.port()]);
-    let with_cap = |n: u32| {
-        let mut c = Config::from_toml(&format!("[limits.per_client]\nmax_tunnels = {n}\n{base}"), "reload").unwrap();
-        c.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
-        c.server.admin_listen = Some("127.0.0.1:0".parse().unwrap());
-        c
-    };
+    let with_cap = |n: u32| test_config(&format!("[limits.per_client]\nmax_tunnels = {n}\n{base}"));
     let proxy = TestProxy::start_config(with_cap(2)).await;
     let mut held = vec![open(&proxy, "127.0.0.2", &origin).await, open(&proxy, "127.0.0.2", &origin).await];
     assert!(held.iter().all(|(h, _)| h.status == 200));
@@ -237,27 +206,17 @@ async fn reload_raises_and_lowers_caps_with_tunnels_open() {
     bounded(s.read_exact(&mut b)).await.unwrap();
     // Only when the count drops below the new cap is a tunnel admitted again.
     held.truncate(0);
-    bounded(async {
-        while proxy.controller.active_for_ip(ip("127.0.0.2")) != 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    eventually("127.0.0.2's tunnels closed", async || proxy.controller.active_for_ip(ip("127.0.0.2")), |n| *n == 0)
+        .await;
     assert_eq!(open(&proxy, "127.0.0.2", &origin).await.0.status, 200);
     assert_eq!(proxy.metric("veilgate_config_reloads_total{result=\"ok\"}").await, 2.0);
 }
 
 #[tokio::test]
 async fn reload_changes_the_bandwidth_of_running_tunnels() {
-    let origin = source_origin().await;
+    let origin = Origin::source().await;
     let base = loopback_policy(&[origin.port()]);
-    let with_rate = |rate: &str| {
-        let mut c =
-            Config::from_toml(&format!("[limits.per_client]\nbandwidth_down = \"{rate}\"\n{base}"), "r").unwrap();
-        c.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
-        c.server.admin_listen = Some("127.0.0.1:0".parse().unwrap());
-        c
-    };
+    let with_rate = |rate: &str| test_config(&format!("[limits.per_client]\nbandwidth_down = \"{rate}\"\n{base}"));
     let proxy = TestProxy::start_config(with_rate("256 KiB/s")).await;
     let (head, mut s) = open(&proxy, "127.0.0.2", &origin).await;
     assert_eq!(head.status, 200);
@@ -281,23 +240,9 @@ async fn reload_changes_the_bandwidth_of_running_tunnels() {
     assert!(started.elapsed() < Duration::from_secs(4), "the raised rate applied: {:?}", started.elapsed());
 }
 
-fn htpasswd(dir: &tempfile::TempDir, users: &[(&str, &str)]) -> std::path::PathBuf {
-    let path = dir.path().join("users.htpasswd");
-    let lines: Vec<String> = users.iter().map(|(u, p)| format!("{u}:{}", bcrypt::hash(p, 4).unwrap())).collect();
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
-}
-
 async fn connect_with_auth(proxy: &TestProxy, from: &str, target: &str, auth: Option<&str>) -> ReplyHead {
-    use base64::Engine;
-    let mut s = dial_proxy(proxy.addr, Some(ip(from))).await;
-    let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
-    if let Some(a) = auth {
-        req += &format!("Proxy-Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(a));
-    }
-    req += "\r\n";
-    s.write_all(req.as_bytes()).await.unwrap();
-    let head = read_reply_head(&mut s).await;
+    let mut s = Client::open(proxy.addr, Some(ip(from)), &Front::Plain).await.unwrap();
+    let head = s.connect_as(target, auth).await;
     // Keep the tunnel open for the caller's caps by leaking the socket into a task.
     tokio::spawn(async move {
         let mut b = [0u8; 1];
@@ -310,7 +255,7 @@ async fn connect_with_auth(proxy: &TestProxy, from: &str, target: &str, auth: Op
 async fn proxy_auth_and_limits_keyed_by_user() {
     let origin = Origin::echo().await;
     let dir = tempfile::tempdir().unwrap();
-    let file = htpasswd(&dir, &[("alice", "wonderland"), ("bob", "builder")]);
+    let file = htpasswd(&dir, &[("alice", "wonderland", FAST_COST), ("bob", "builder", FAST_COST)]);
     let toml = format!(
         "[auth]\ncredentials_file = \"{}\"\nrealm = \"test realm\"\n[limits.per_client]\nmax_tunnels = 1\n{}",
         file.display(),
@@ -329,12 +274,7 @@ async fn proxy_auth_and_limits_keyed_by_user() {
     assert_eq!(connect_with_auth(&proxy, "127.0.0.2", &t, Some("bob:builder")).await.status, 200);
     assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"auth_required\"}").await, 3.0);
     // The origin's accept may lag the proxy's 200 (sent once the kernel connected).
-    bounded(async {
-        while origin.connections() < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    eventually("the origin to accept both tunnels", async || origin.connections(), |n| *n >= 2).await;
     assert_eq!(origin.connections(), 2);
 }
 
@@ -347,7 +287,11 @@ async fn half_sent_heads_are_bounded_per_client() {
     // Two connections that never finish a head hold both of this client's slots once late.
     let _idle1 = dial_proxy(proxy.addr, Some(ip("127.0.0.8"))).await;
     let _idle2 = dial_proxy(proxy.addr, Some(ip("127.0.0.8"))).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually("both idle connections in their head phase", async || proxy.controller.pending_heads(), |n| *n == 2)
+        .await;
+    // On purpose: let their grace (head_grace) run out, so both are late before the third is.
+    // Lateness has no outside view to wait on.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
     let mut third = dial_proxy(proxy.addr, Some(ip("127.0.0.8"))).await;
     let head = read_reply_head(&mut third).await;
@@ -362,14 +306,10 @@ async fn reordering_routes_on_reload_keeps_each_routes_count() {
     let origin = Origin::echo().await;
     let p = origin.port();
     let config = |routes: &str| {
-        let text = format!(
+        test_config(&format!(
             "{}[dns.hosts]\n\"a.test\" = \"127.0.0.1\"\n\"b.test\" = \"127.0.0.1\"\n{routes}",
             loopback_policy(&[p])
-        );
-        let mut c = Config::from_toml(&text, "routes").unwrap();
-        c.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
-        c.server.admin_listen = Some("127.0.0.1:0".parse().unwrap());
-        c
+        ))
     };
     let a = "[[routes]]\nhosts = [\"a.test\"]\n[routes.per_client]\nmax_tunnels = 1\n";
     let b = "[[routes]]\nhosts = [\"b.test\"]\n[routes.per_client]\nmax_tunnels = 1\n";

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -37,12 +35,7 @@ async fn a_scrape_matches_the_traffic() {
     let _ = connect_via(proxy.addr, &format!("127.0.0.1:{}", p.wrapping_add(1).max(1))).await;
     let _ = connect_via(proxy.addr, &format!("denied.test:{p}")).await;
     let _ = connect_via(proxy.addr, &format!("x.invalid:{p}")).await;
-    bounded(async {
-        while proxy.controller.active_tunnels() != 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    eventually("every tunnel ended", async || proxy.controller.active_tunnels(), |n| *n == 0).await;
 
     let (status, body) = proxy.admin_get("/metrics").await;
     assert_eq!(status, 200);

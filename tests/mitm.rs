@@ -8,58 +8,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use common::tls::TestPki;
+use common::tls::{RecordingOrigin, TestPki};
 use common::*;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsConnector;
-
-/// An HTTPS origin that answers every request on a connection and records the bytes it got.
-struct RecordingOrigin {
-    addr: SocketAddr,
-    received: Arc<Mutex<Vec<u8>>>,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-async fn recording_origin(pki: &TestPki) -> RecordingOrigin {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let rec = Arc::clone(&received);
-    let task = tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            let (acceptor, rec) = (acceptor.clone(), Arc::clone(&rec));
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(s).await else { return };
-                let mut pending = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let n = match tls.read(&mut buf).await {
-                        Ok(0) => {
-                            // A clean close: close_notify back, as a well-behaved origin does.
-                            let _ = tls.shutdown().await;
-                            return;
-                        }
-                        Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    rec.lock().unwrap().extend_from_slice(&buf[..n]);
-                    pending.extend_from_slice(&buf[..n]);
-                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                        pending.drain(..end + 4);
-                        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nStrict-Transport-Security: max-age=60\r\n\r\nhello";
-                        if tls.write_all(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    RecordingOrigin { addr, received, _task: task }
-}
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -144,7 +98,7 @@ fn capture() -> (tracing::subscriber::DefaultGuard, Arc<Mutex<Vec<u8>>>) {
 #[tokio::test]
 async fn trusted_clients_get_a_minted_leaf_and_requests_are_observed() {
     let s = setup();
-    let origin = recording_origin(&s.origin_pki).await;
+    let origin = RecordingOrigin::start(&s.origin_pki).await;
     let port = origin.addr.port();
     let (_guard, logs) = capture();
     let proxy = TestProxy::start(&mitm_config(&s, port, &s.origin_ca, "\"localhost\"")).await;
@@ -166,12 +120,7 @@ async fn trusted_clients_get_a_minted_leaf_and_requests_are_observed() {
     let mut rest = Vec::new();
     bounded(tls.read_to_end(&mut rest)).await.unwrap();
     assert!(rest.is_empty());
-    bounded(async {
-        while proxy.controller.active_tunnels() != 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    eventually("the tunnel to end", async || proxy.controller.active_tunnels(), |n| *n == 0).await;
     assert_eq!(origin.received.lock().unwrap().as_slice(), requests, "byte for byte, nothing added");
     let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
     let observed: Vec<&str> = text.lines().filter(|l| l.contains("http exchange")).collect();
@@ -197,7 +146,7 @@ async fn trusted_clients_get_a_minted_leaf_and_requests_are_observed() {
 #[tokio::test]
 async fn clients_that_do_not_trust_the_ca_fail_and_tunnel_routes_stay_blind() {
     let s = setup();
-    let origin = recording_origin(&s.origin_pki).await;
+    let origin = RecordingOrigin::start(&s.origin_pki).await;
     let port = origin.addr.port();
     // mitm for localhost only; 127.0.0.1 is tunnelled.
     let proxy = TestProxy::start(&mitm_config(&s, port, &s.origin_ca, "\"localhost\"")).await;
@@ -211,7 +160,7 @@ async fn clients_that_do_not_trust_the_ca_fail_and_tunnel_routes_stay_blind() {
 #[tokio::test]
 async fn ip_literal_targets_get_an_ip_san() {
     let s = setup();
-    let origin = recording_origin(&s.origin_pki).await;
+    let origin = RecordingOrigin::start(&s.origin_pki).await;
     let port = origin.addr.port();
     let proxy = TestProxy::start(&mitm_config(&s, port, &s.origin_ca, "\"127.0.0.1\"")).await;
     let ip = ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
@@ -225,7 +174,7 @@ async fn ip_literal_targets_get_an_ip_san() {
 #[tokio::test]
 async fn sni_must_name_the_connect_host() {
     let s = setup();
-    let origin = recording_origin(&s.origin_pki).await;
+    let origin = RecordingOrigin::start(&s.origin_pki).await;
     let port = origin.addr.port();
     let proxy = TestProxy::start(&mitm_config(&s, port, &s.origin_ca, "\"localhost\"")).await;
     let other = ServerName::try_from("elsewhere.test").unwrap();
@@ -239,7 +188,7 @@ async fn sni_must_name_the_connect_host() {
 #[tokio::test]
 async fn untrusted_or_wrong_name_upstreams_fail_the_client_too() {
     let s = setup();
-    let origin = recording_origin(&s.origin_pki).await;
+    let origin = RecordingOrigin::start(&s.origin_pki).await;
     let port = origin.addr.port();
     // Upstream roots that do not include the origin's CA: its certificate is as good as self-signed.
     let stranger = TestPki::new();
@@ -262,7 +211,7 @@ async fn untrusted_or_wrong_name_upstreams_fail_the_client_too() {
 async fn the_probe_gives_each_verdict() {
     use veilgate::probe::{Verdict, probe};
     let s = setup();
-    let origin = recording_origin(&s.origin_pki).await;
+    let origin = RecordingOrigin::start(&s.origin_pki).await;
     let port = origin.addr.port();
     let proxy = TestProxy::start(&mitm_config(&s, port, &s.origin_ca, "\"localhost\"")).await;
     let both = s._dir.path().join("both.pem");
@@ -303,8 +252,7 @@ async fn a_ca_key_others_can_read_is_refused_at_start() {
     let s = setup();
     let key = s.ca_cert.with_file_name("veilgate-ca.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let mut config = veilgate::Config::from_toml(&mitm_config(&s, 443, &s.origin_ca, "\"localhost\""), "t").unwrap();
-    config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut config = test_config(&mitm_config(&s, 443, &s.origin_ca, "\"localhost\""));
     config.server.admin_listen = None;
     let err = veilgate::Proxy::bind(config).await.err().expect("refused");
     assert!(err.to_string().contains("readable by group or others"), "{err}");
@@ -337,6 +285,8 @@ async fn a_large_response_to_a_slow_reader_is_not_held_back() {
         .await
         .unwrap();
     tls.write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    // On purpose: the client is late to read, so the 4 MiB fill the socket buffers and the
+    // proxy's writes block part-way; what is being tested is what happens after that.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let want = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n").len() + BODY;
     let mut got = vec![0u8; want];

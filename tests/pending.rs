@@ -89,6 +89,8 @@ async fn slow_heads_from_one_address_are_held_to_the_bound_and_delay_nobody() {
         let (head, _s) = connect_from(proxy.addr, Some(ip("127.0.0.5")), &origin.addr.to_string()).await;
         assert_eq!(head.status, 200);
         assert!(started.elapsed() < Duration::from_secs(1), "another client waited {:?}", started.elapsed());
+        // On purpose: the five are spread over the second in which the slow heads go late and
+        // are turned away, not bunched before it.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut refused = 0;

@@ -3,12 +3,13 @@
 
 mod common;
 
-use common::child::{Veilgate, series, wait_for};
+use common::child::{Veilgate, series};
+use common::{FAST_COST, eventually_blocking};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -44,31 +45,32 @@ fn sighup_reloads_and_survives_an_invalid_file_then_sigterm_exits_0() {
         .spawn()
         .unwrap();
     let mut vg = Veilgate(child);
-    wait_for("health", || get(admin_addr, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    eventually_blocking(
+        "health",
+        || get(admin_addr, "/healthz"),
+        |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+    );
     let scrape = || get(admin_addr, "/metrics").unwrap_or_default();
     assert_eq!(series(&scrape(), "veilgate_config_max_tunnels"), Some(10.0));
 
     std::fs::write(&file, "[limits]\nmax_tunnels = \"many\"\n").unwrap();
     signal(&vg.0, libc::SIGHUP);
-    wait_for("a failed reload", || series(&scrape(), "veilgate_config_reloads_total{result=\"error\"}") == Some(1.0));
+    eventually_blocking(
+        "a failed reload",
+        || series(&scrape(), "veilgate_config_reloads_total{result=\"error\"}"),
+        |n| *n == Some(1.0),
+    );
     assert_eq!(series(&scrape(), "veilgate_config_max_tunnels"), Some(10.0), "old config kept");
     assert!(get(admin_addr, "/readyz").unwrap().starts_with("HTTP/1.1 200"), "still serving");
 
     std::fs::write(&file, "[limits]\nmax_tunnels = 20\n").unwrap();
     signal(&vg.0, libc::SIGHUP);
-    wait_for("a good reload", || series(&scrape(), "veilgate_config_max_tunnels") == Some(20.0));
+    eventually_blocking("a good reload", || series(&scrape(), "veilgate_config_max_tunnels"), |n| *n == Some(20.0));
     assert_eq!(series(&scrape(), "veilgate_config_reloads_total{result=\"ok\"}"), Some(1.0));
 
     signal(&vg.0, libc::SIGTERM);
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = vg.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(0));
+    let status = eventually_blocking("exit after SIGTERM", || vg.0.try_wait().unwrap(), Option::is_some);
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
 }
 
 /// Runs the binary to its end with `cwd` as working directory: (exit code, stdout, stderr).
@@ -83,16 +85,13 @@ fn run_to_end(args: &[&str], cwd: &Path) -> (Option<i32>, String, String) {
         .spawn()
         .unwrap();
     let mut vg = Veilgate(child);
-    wait_for(&format!("veilgate {args:?} to exit"), || vg.0.try_wait().unwrap().is_some());
-    let code = vg.0.try_wait().unwrap().and_then(|s| s.code());
+    let status =
+        eventually_blocking(&format!("veilgate {args:?} to exit"), || vg.0.try_wait().unwrap(), Option::is_some);
+    let code = status.and_then(|s| s.code());
     let (mut out, mut err) = (String::new(), String::new());
     vg.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
     vg.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     (code, out, err)
-}
-
-fn htpasswd_line(user: &str, password: &str) -> String {
-    format!("{user}:{}\n", bcrypt::hash(password, 4).unwrap())
 }
 
 /// A CA made by the library's `ca init`, in DIR/ca.
@@ -116,7 +115,7 @@ fn check_config_refuses_every_file_run_refuses_with_the_same_message() {
         (
             "a line that is not bcrypt",
             |d| {
-                let lines = htpasswd_line("alice", "a") + "bob:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=\n";
+                let lines = common::htpasswd_line("alice", "a", FAST_COST) + "bob:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=\n";
                 std::fs::write(d.join("users.htpasswd"), lines).unwrap();
                 "[auth]\ncredentials_file = \"users.htpasswd\"\n".into()
             },
@@ -186,7 +185,7 @@ fn relative_paths_follow_the_config_file_and_a_bad_file_on_reload_keeps_the_runn
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("veilgate.toml");
     let users = dir.path().join("users.htpasswd");
-    std::fs::write(&users, htpasswd_line("alice", "wonderland")).unwrap();
+    std::fs::write(&users, common::htpasswd_line("alice", "wonderland", FAST_COST)).unwrap();
     make_ca(dir.path());
     let config = |cap: u32| {
         format!(
@@ -216,21 +215,29 @@ fn relative_paths_follow_the_config_file_and_a_bad_file_on_reload_keeps_the_runn
         .spawn()
         .unwrap();
     let vg = Veilgate(child);
-    wait_for("health", || get(admin_addr, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    eventually_blocking(
+        "health",
+        || get(admin_addr, "/healthz"),
+        |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+    );
     assert_eq!(connect_status(proxy_addr, "alice:wonderland"), 403, "credentials read from the relative file");
     assert_eq!(connect_status(proxy_addr, "alice:wrong"), 407);
 
     let scrape = || get(admin_addr, "/metrics").unwrap_or_default();
-    std::fs::write(&users, htpasswd_line("alice", "changed") + "bob:plaintext\n").unwrap();
+    std::fs::write(&users, common::htpasswd_line("alice", "changed", FAST_COST) + "bob:plaintext\n").unwrap();
     std::fs::write(&file, config(20)).unwrap();
     signal(&vg.0, libc::SIGHUP);
-    wait_for("a failed reload", || series(&scrape(), "veilgate_config_reloads_total{result=\"error\"}") == Some(1.0));
+    eventually_blocking(
+        "a failed reload",
+        || series(&scrape(), "veilgate_config_reloads_total{result=\"error\"}"),
+        |n| *n == Some(1.0),
+    );
     assert_eq!(series(&scrape(), "veilgate_config_max_tunnels"), Some(10.0), "the whole old config kept");
     assert_eq!(connect_status(proxy_addr, "alice:wonderland"), 403, "and its credentials");
 
-    std::fs::write(&users, htpasswd_line("alice", "changed")).unwrap();
+    std::fs::write(&users, common::htpasswd_line("alice", "changed", FAST_COST)).unwrap();
     signal(&vg.0, libc::SIGHUP);
-    wait_for("a good reload", || series(&scrape(), "veilgate_config_max_tunnels") == Some(20.0));
+    eventually_blocking("a good reload", || series(&scrape(), "veilgate_config_max_tunnels"), |n| *n == Some(20.0));
     assert_eq!(connect_status(proxy_addr, "alice:changed"), 403);
     assert_eq!(connect_status(proxy_addr, "alice:wonderland"), 407);
 }

@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::child::{Veilgate, series, wait_for};
+use common::child::{Veilgate, series};
+use common::eventually_blocking;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -66,9 +67,11 @@ fn a_flood_of_refusals_is_a_few_log_lines_and_an_exact_summary() {
             }
         })
     };
-    wait_for("health", || {
-        exchange(admin, b"GET /healthz HTTP/1.1\r\n\r\n").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
-    });
+    eventually_blocking(
+        "health",
+        || exchange(admin, b"GET /healthz HTTP/1.1\r\n\r\n"),
+        |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+    );
 
     // 2,000 requests that are not CONNECT, 16 at a time (under the head-phase bound per client).
     let started = Instant::now();
@@ -91,14 +94,17 @@ fn a_flood_of_refusals_is_a_few_log_lines_and_an_exact_summary() {
     let scrape = || exchange(admin, b"GET /metrics HTTP/1.1\r\n\r\n").unwrap_or_default();
     // Counted once the proxy is done with the connection (it reads what follows a refusal
     // for a moment), so just after the client saw its 405.
-    wait_for("all refusals counted", || {
-        series(&scrape(), "veilgate_refusals_total{reason=\"method_not_allowed\"}") == Some(FLOOD as f64)
-    });
+    eventually_blocking(
+        "all refusals counted",
+        || series(&scrape(), "veilgate_refusals_total{reason=\"method_not_allowed\"}"),
+        |n| *n == Some(FLOOD as f64),
+    );
     // Every refusal is in the log, as a line or in a summary (the tick writes the last one).
-    wait_for("the summary of the lines left out", || {
-        let (lines, summaries) = tally(&log.lock().unwrap(), "method_not_allowed");
-        lines + summaries.iter().sum::<u64>() as usize == FLOOD
-    });
+    eventually_blocking(
+        "the summary of the lines left out",
+        || tally(&log.lock().unwrap(), "method_not_allowed"),
+        |(lines, summaries)| lines + summaries.iter().sum::<u64>() as usize == FLOOD,
+    );
     let (lines, summaries) = tally(&log.lock().unwrap(), "method_not_allowed");
     // The refusals were logged over at most the flood's time and a moment (the last client's
     // close), so they touched at most this many one-second windows of the throttle.

@@ -89,7 +89,8 @@ async fn slowloris_gets_408_within_the_header_timeout() {
     let mut s = dial_proxy(proxy.addr, None).await;
     let started = Instant::now();
     s.write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n").await.unwrap();
-    // Trickle a header byte every 100 ms: each read succeeds, the whole head never ends.
+    // Trickle a header byte every 100 ms: each read succeeds, the whole head never ends. The
+    // sleep is the trickle's pace, on purpose: time must pass for the header timeout.
     let trickle = async {
         for _ in 0..50 {
             if s.write_all(b"X").await.is_err() {
@@ -146,7 +147,14 @@ async fn a_connect_that_never_completes_gets_504() {
         let _ = s.connect(&addr.into());
         fillers.push(s);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A filler whose handshake completed sits in the accept queue; with a backlog of 0 that
+    // one makes it full.
+    eventually(
+        "the listener's accept queue to fill",
+        async || fillers.iter().filter(|s| s.peer_addr().is_ok()).count(),
+        |established| *established >= 1,
+    )
+    .await;
     let toml = format!("[server]\nconnect_timeout = \"500ms\"\n{}", loopback_policy(&[addr.port()]));
     let proxy = TestProxy::start(&toml).await;
     let started = Instant::now();

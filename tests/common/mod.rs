@@ -1,33 +1,95 @@
-//! Test fixtures: veilgate in-process on an ephemeral loopback port, fake origins on other
-//! ephemeral ports, and clients that speak CONNECT. Every wait is bounded.
+//! Test fixtures: veilgate in-process with every listener on an ephemeral loopback port
+//! ([`test_config`], [`TestProxy`]), fake origins on other ephemeral ports (`origin`, `tls`),
+//! clients that speak CONNECT over any front (`client`), and bounded waits (`wait`).
+//! Each test file is its own crate with `mod common;` and uses a part of this, hence the
+//! `allow(dead_code)` for the whole tree.
 #![allow(dead_code)]
 
 pub mod child;
+pub mod client;
+pub mod origin;
 pub mod tls;
+pub mod wait;
 
-use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+pub use client::*;
+pub use origin::*;
+pub use wait::*;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use veilgate::config::ServerConfig;
 use veilgate::{Config, Controller, Proxy};
 
-/// Upper bound for any single step of a test.
-pub const STEP: Duration = Duration::from_secs(10);
+/// Parses and validates `toml` as [`TestProxy::start`] sees it: every listener of `[server]`
+/// on port 0 of its own address (see [`ephemeral_listeners`]), so no test binds a fixed port
+/// and two tests never collide.
+pub fn test_config(toml: &str) -> Config {
+    let mut doc: toml::Table = toml.parse().unwrap_or_else(|e| panic!("test config is TOML: {e}\n{toml}"));
+    ephemeral_listeners(&mut doc);
+    let text = toml::to_string(&doc).expect("a parsed table prints");
+    Config::from_toml(&text, "test config").expect("test config is valid")
+}
 
-/// Awaits `f` for at most [`STEP`].
-pub async fn bounded<T>(f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(STEP, f).await.expect("test step timed out")
+/// Puts every listener of `[server]` on port 0, keeping its IP: each key that ends in
+/// `listen` (`listen`, `admin_listen`, and those later listener kinds bring), at any depth of
+/// `[server]`, holding an address or a list of them. Listener keys the text leaves out get the
+/// default's addresses first, since the defaults are fixed ports (8080, 9090).
+pub fn ephemeral_listeners(doc: &mut toml::Table) {
+    let defaults = toml::Table::try_from(ServerConfig::default()).expect("the default [server] is a table");
+    let server = doc
+        .entry("server")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .expect("[server] is a table");
+    for (key, value) in defaults {
+        if key.ends_with("listen") {
+            server.entry(key).or_insert(value);
+        }
+    }
+    listeners_on_port_zero("server", server);
+}
+
+/// Rewrites the listener keys in `table` (at `path`, for panics) and in the tables under it.
+fn listeners_on_port_zero(path: &str, table: &mut toml::Table) {
+    for (key, value) in table.iter_mut() {
+        let path = format!("{path}.{key}");
+        match value {
+            _ if key.ends_with("listen") => port_zero(&path, value),
+            toml::Value::Table(t) => listeners_on_port_zero(&path, t),
+            toml::Value::Array(items) => {
+                for t in items.iter_mut().filter_map(toml::Value::as_table_mut) {
+                    listeners_on_port_zero(&path, t);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// An address, or a list of them, on port 0. Any other shape fails loudly: a listener this
+/// does not understand would keep a fixed port.
+fn port_zero(path: &str, value: &mut toml::Value) {
+    match value {
+        toml::Value::String(s) => {
+            let addr: SocketAddr = s.parse().unwrap_or_else(|e| panic!("{path}: {s:?} is not an address: {e}"));
+            *s = SocketAddr::new(addr.ip(), 0).to_string();
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(|v| port_zero(path, v)),
+        other => panic!("{path}: expected an address or a list of them, got {other}; teach ephemeral_listeners"),
+    }
 }
 
 /// A running veilgate.
 pub struct TestProxy {
+    /// The first proxy listener, the one most tests talk to.
     pub addr: SocketAddr,
+    /// Every proxy listener, in `server.listen` order.
+    pub addrs: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub controller: Controller,
     stop: Option<oneshot::Sender<()>>,
@@ -35,25 +97,23 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
-    /// Starts veilgate with `toml` (listeners replaced by 127.0.0.1:0).
+    /// Starts veilgate with `toml`, every listener on an ephemeral port ([`test_config`]).
     pub async fn start(toml: &str) -> TestProxy {
-        let mut config = Config::from_toml(toml, "test config").expect("test config is valid");
-        config.server.listen = vec!["127.0.0.1:0".parse().unwrap()];
-        config.server.admin_listen = Some("127.0.0.1:0".parse().unwrap());
-        TestProxy::start_config(config).await
+        TestProxy::start_config(test_config(toml)).await
     }
 
     /// Starts veilgate with a ready config.
     pub async fn start_config(config: Config) -> TestProxy {
         let proxy = Proxy::bind(config).await.expect("proxy binds");
-        let addr = proxy.proxy_addrs()[0];
+        let addrs = proxy.proxy_addrs();
+        let addr = addrs[0];
         let admin = proxy.admin_addr();
         let controller = proxy.controller();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(proxy.run(async {
             let _ = rx.await;
         }));
-        TestProxy { addr, admin, controller, stop: Some(tx), task: Some(task) }
+        TestProxy { addr, addrs, admin, controller, stop: Some(tx), task: Some(task) }
     }
 
     /// Begins the drain; returns the task that ends when the proxy has stopped.
@@ -105,164 +165,21 @@ pub fn loopback_policy(ports: &[u16]) -> String {
     format!("[policy]\ndeny_private = false\nallowed_ports = [{}]\n", ports.join(", "))
 }
 
-/// A fake origin: accepts on 127.0.0.1:0 and runs `handler` per connection.
-pub struct Origin {
-    pub addr: SocketAddr,
-    pub accepted: Arc<AtomicUsize>,
-    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
-    task: JoinHandle<()>,
+/// bcrypt's least cost: a hash in well under a millisecond, for tests where the cost is not
+/// the point.
+pub const FAST_COST: u32 = 4;
+
+/// One line of a credentials file: `user`, then `password` hashed with bcrypt at `cost`.
+pub fn htpasswd_line(user: &str, password: &str, cost: u32) -> String {
+    format!("{user}:{}\n", bcrypt::hash(password, cost).unwrap())
 }
 
-impl Origin {
-    /// An origin on `bind` (use "127.0.0.1:0" or "[::1]:0").
-    pub async fn spawn_on<F, Fut>(bind: &str, handler: F) -> Origin
-    where
-        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let listener = TcpListener::bind(bind).await.expect("origin binds");
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let peers = Arc::new(Mutex::new(Vec::new()));
-        let (a, p) = (Arc::clone(&accepted), Arc::clone(&peers));
-        let task = tokio::spawn(async move {
-            while let Ok((s, peer)) = listener.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                p.lock().unwrap().push(peer);
-                tokio::spawn(handler(s));
-            }
-        });
-        Origin { addr, accepted, peers, task }
-    }
-
-    /// An origin on 127.0.0.1.
-    pub async fn spawn<F, Fut>(handler: F) -> Origin
-    where
-        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        Origin::spawn_on("127.0.0.1:0", handler).await
-    }
-
-    /// An echo origin.
-    pub async fn echo() -> Origin {
-        Origin::spawn(|mut s| async move {
-            let (mut r, mut w) = s.split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        })
-        .await
-    }
-
-    /// An origin that reads each connection to its end and leaves what it got in the slot
-    /// (see [`filled`]).
-    pub async fn recording() -> (Origin, Arc<Mutex<Option<Vec<u8>>>>) {
-        let slot = Arc::new(Mutex::new(None));
-        let s2 = Arc::clone(&slot);
-        let origin = Origin::spawn(move |mut s| {
-            let slot = Arc::clone(&s2);
-            async move {
-                let mut all = Vec::new();
-                let _ = s.read_to_end(&mut all).await;
-                *slot.lock().unwrap() = Some(all);
-            }
-        })
-        .await;
-        (origin, slot)
-    }
-
-    pub fn port(&self) -> u16 {
-        self.addr.port()
-    }
-
-    pub fn connections(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Origin {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// What an origin handler left in `slot`, once it has (within the test step bound).
-pub async fn filled<T>(slot: &Mutex<Option<T>>) -> T {
-    bounded(async {
-        loop {
-            if let Some(v) = slot.lock().unwrap().take() {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-}
-
-/// A reply head read byte by byte, so nothing after it is consumed.
-pub struct ReplyHead {
-    pub status: u16,
-    pub text: String,
-}
-
-impl ReplyHead {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.text.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then_some(v.trim())
-        })
-    }
-}
-
-/// Reads a response head (up to and including the blank line).
-pub async fn read_reply_head(s: &mut TcpStream) -> ReplyHead {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    bounded(async {
-        while !head.ends_with(b"\r\n\r\n") {
-            match s.read(&mut byte).await {
-                Ok(1) => head.push(byte[0]),
-                _ => break,
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&head).to_string();
-    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    ReplyHead { status, text }
-}
-
-/// Connects to the proxy from `from` (a loopback address such as 127.0.0.5) or the default.
-pub async fn dial_proxy(proxy: SocketAddr, from: Option<IpAddr>) -> TcpStream {
-    match from {
-        None => bounded(TcpStream::connect(proxy)).await.expect("proxy accepts"),
-        Some(ip) => {
-            let sock = TcpSocket::new_v4().unwrap();
-            sock.bind(SocketAddr::new(ip, 0)).expect("bind client address");
-            bounded(sock.connect(proxy)).await.expect("proxy accepts")
-        }
-    }
-}
-
-/// Sends `CONNECT target` and reads the reply head.
-pub async fn connect_via(proxy: SocketAddr, target: &str) -> (ReplyHead, TcpStream) {
-    connect_from(proxy, None, target).await
-}
-
-/// Sends `CONNECT target` from a chosen client address.
-pub async fn connect_from(proxy: SocketAddr, from: Option<IpAddr>, target: &str) -> (ReplyHead, TcpStream) {
-    let mut s = dial_proxy(proxy, from).await;
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
-    let head = read_reply_head(&mut s).await;
-    (head, s)
-}
-
-/// Sends raw bytes and returns everything the proxy answers until it closes.
-pub async fn raw_exchange(proxy: SocketAddr, bytes: &[u8]) -> String {
-    let mut s = dial_proxy(proxy, None).await;
-    let _ = s.write_all(bytes).await;
-    let mut out = Vec::new();
-    let _ = bounded(s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).to_string()
+/// Writes `users.htpasswd` in `dir` with one line per (user, password, bcrypt cost); its path.
+pub fn htpasswd(dir: impl AsRef<Path>, users: &[(&str, &str, u32)]) -> PathBuf {
+    let path = dir.as_ref().join("users.htpasswd");
+    let lines: String = users.iter().map(|(u, p, cost)| htpasswd_line(u, p, *cost)).collect();
+    std::fs::write(&path, lines).unwrap();
+    path
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so corruption anywhere shows in a hash.

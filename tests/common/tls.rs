@@ -1,7 +1,7 @@
 //! A test CA and TLS origins, made fresh by each test.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -89,6 +89,62 @@ impl TlsOrigin {
 }
 
 impl Drop for TlsOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An HTTPS origin on 127.0.0.1 that answers every request head on a connection (keep-alive)
+/// with a 200, `hello` and an HSTS header, records every byte it got, and answers a clean
+/// close with close_notify.
+pub struct RecordingOrigin {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<u8>>>,
+    task: JoinHandle<()>,
+}
+
+impl RecordingOrigin {
+    pub async fn start(pki: &TestPki) -> RecordingOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let rec = Arc::clone(&received);
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (acceptor, rec) = (acceptor.clone(), Arc::clone(&rec));
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(s).await else { return };
+                    let mut pending = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = match tls.read(&mut buf).await {
+                            Ok(0) => {
+                                // A clean close: close_notify back, as a well-behaved origin does.
+                                let _ = tls.shutdown().await;
+                                return;
+                            }
+                            Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                        pending.extend_from_slice(&buf[..n]);
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..end + 4);
+                            let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nStrict-Transport-Security: max-age=60\r\n\r\nhello";
+                            if tls.write_all(reply).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        RecordingOrigin { addr, received, task }
+    }
+}
+
+impl Drop for RecordingOrigin {
     fn drop(&mut self) {
         self.task.abort();
     }
