@@ -8,6 +8,9 @@
 # Everything runs on 127.0.0.1 / ::1 on free ports; every process started here is stopped on
 # exit; every step has a time limit. Knobs (environment, defaults in brackets):
 #   VEILGATE_BIN [../target/release/veilgate]   VG_RUNS [3]   VG_OUT [bench/results/STAMP-MODE]
+#   VEILGATE_BIN_B [unset]                       blind tunnels: a second build, run in turn with
+#                                                the first in every run (direct, A, B); the table
+#                                                adds B / A, each ratio taken inside a run
 #   VG_CONNS [4] VG_SECS [5]                     throughput tunnels and seconds
 #   VG_CR_CONC [50] VG_CR_TOTAL [2000]           connrate workers and tunnels
 #   VG_LAT_N [5000]                              latency round trips
@@ -74,13 +77,22 @@ TMP=$(mktemp -d /tmp/vgbench-run.XXXXXX)
 # A private copy: a rebuild during the run cannot swap the binary between restarts.
 cp "$VEILGATE_BIN" "$TMP/veilgate"
 VEILGATE=$TMP/veilgate
+VEILGATE_BIN_B=${VEILGATE_BIN_B:-}
+if [ -n "$VEILGATE_BIN_B" ]; then
+  [ "$MODE" = tunnel ] || die "VEILGATE_BIN_B compares blind tunnels only"
+  [ -x "$VEILGATE_BIN_B" ] || die "no veilgate binary at $VEILGATE_BIN_B"
+  cp "$VEILGATE_BIN_B" "$TMP/veilgate-B"
+fi
 # Servers stop by themselves even if this script is killed with -9.
 SERVER_MAX_SECS=$((600 + VG_RUNS * 900))
 
 {
   echo "date: $(date -Is)"
   echo "mode: $MODE"
-  echo "veilgate: $("$VEILGATE" --version 2>&1 | head -1) ($VEILGATE_BIN)"
+  echo "veilgate: $("$VEILGATE" --version 2>&1 | head -1) ($VEILGATE_BIN, sha256 $(sha256sum "$VEILGATE_BIN" | cut -c1-12))"
+  if [ -n "$VEILGATE_BIN_B" ]; then
+    echo "veilgate-B: $("$TMP/veilgate-B" --version 2>&1 | head -1) ($VEILGATE_BIN_B, sha256 $(sha256sum "$VEILGATE_BIN_B" | cut -c1-12))"
+  fi
   echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' (src modified)')"
   echo "machine: $(uname -srm), $(nproc) cores"
   if [ "$MODE" = mitm ]; then
@@ -94,10 +106,10 @@ log "results in $VG_OUT"
 
 VG_PID=""
 PROXY=""
-start_veilgate() { # start_veilgate CONFIG: sets VG_PID and PROXY
-  local p_proxy p_admin _
+start_veilgate() { # start_veilgate CONFIG [BINARY]: sets VG_PID and PROXY
+  local p_proxy p_admin _ bin=${2:-$VEILGATE}
   read -r p_proxy p_admin < <("$VG" free-ports --count 2)
-  "$VEILGATE" run --config "$1" --listen "127.0.0.1:$p_proxy" --admin-listen "127.0.0.1:$p_admin" >>"$VG_OUT/veilgate.log" 2>&1 &
+  "$bin" run --config "$1" --listen "127.0.0.1:$p_proxy" --admin-listen "127.0.0.1:$p_admin" >>"$VG_OUT/veilgate.log" 2>&1 &
   VG_PID=$!
   STARTED+=("$VG_PID")
   PROXY=127.0.0.1:$p_proxy
@@ -147,20 +159,24 @@ allowed_ports = [$p_sink, $p_source, $p_echo]
 EOF
   for r in $(seq "$VG_RUNS"); do
     f=$VG_OUT/run$r.jsonl
-    for label in direct veilgate; do
+    local labels=(direct veilgate)
+    if [ -n "$VEILGATE_BIN_B" ]; then
+      # Alternate which build goes first, so neither always runs on a warmer machine.
+      if [ $((r % 2)) = 1 ]; then labels=(direct veilgate veilgate-B); else labels=(direct veilgate-B veilgate); fi
+    fi
+    for label in "${labels[@]}"; do
       log "run $r/$VG_RUNS: $label"
       local via=(--proxy none)
-      if [ "$label" = veilgate ]; then
-        start_veilgate "$cfg"
-        via=(--proxy "$PROXY" --pid "$VG_PID")
-      fi
+      if [ "$label" = veilgate ]; then start_veilgate "$cfg"; fi
+      if [ "$label" = veilgate-B ]; then start_veilgate "$cfg" "$TMP/veilgate-B"; fi
+      if [ "$label" != direct ]; then via=(--proxy "$PROXY" --pid "$VG_PID"); fi
       # A fresh process: idle first, for a clean RSS baseline; then bulk, connrate, latency.
       tb "$f" "$label" idle 180 "${via[@]}" --target "127.0.0.1:$p_echo" --count "$VG_IDLE_N" --hold "$VG_IDLE_HOLD"
       tb "$f" "$label" throughput $((VG_SECS + 60)) "${via[@]}" --target "127.0.0.1:$p_sink" --dir up --conns "$VG_CONNS" --secs "$VG_SECS"
       tb "$f" "$label" throughput $((VG_SECS + 60)) "${via[@]}" --target "127.0.0.1:$p_source" --dir down --conns "$VG_CONNS" --secs "$VG_SECS"
       tb "$f" "$label" connrate 150 "${via[@]}" --target "127.0.0.1:$p_echo" --conns "$VG_CR_CONC" --total "$VG_CR_TOTAL" --max-secs 120
       tb "$f" "$label" latency 150 "${via[@]}" --target "127.0.0.1:$p_echo" --count "$VG_LAT_N" --max-secs 120
-      if [ "$label" = veilgate ]; then stop_pid "$VG_PID"; fi
+      if [ "$label" != direct ]; then stop_pid "$VG_PID"; fi
     done
   done
   stop_pid "$serve_pid"

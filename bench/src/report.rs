@@ -148,39 +148,54 @@ fn pad(table: &str) -> String {
 }
 
 fn tunnel_table(runs: &[Run]) -> String {
-    let labels = ["direct", "veilgate"];
-    let r = &[(0usize, 1usize)][..];
-    let mut t = vec![header("figure", &["direct", "veilgate", "veilgate / direct"])];
+    // A second build (run.sh with VEILGATE_BIN_B) adds its column and B / A, each ratio taken
+    // inside a run: the two builds ran minutes apart, interleaved.
+    let with_b = runs.iter().flatten().any(|m| m.get("label").and_then(Value::as_str) == Some("veilgate-B"));
+    let (labels, cols, vs_direct, b_over_a): (&[&str], &[&str], &[(usize, usize)], &[(usize, usize)]) = if with_b {
+        (
+            &["direct", "veilgate", "veilgate-B"],
+            &["direct", "A", "B", "A / direct", "B / direct", "B / A"],
+            &[(0, 1), (0, 2), (1, 2)],
+            &[(1, 2)],
+        )
+    } else {
+        (&["direct", "veilgate"], &["direct", "veilgate", "veilgate / direct"], &[(0, 1)], &[])
+    };
+    let r = vs_direct;
+    let mut t = vec![header("figure", cols)];
     let conns = runs.first().and_then(|r| get(r, "direct", sel("throughput", Some("up"), "conns"))).unwrap_or(0.0);
+    // Rows without a ratio to direct (direct has no proxy) still get B / A, in its column.
+    let own = |title: &str, s: Sel, nd: usize| {
+        let row = line(runs, title, labels, s, nd, &[]);
+        if !with_b {
+            return row;
+        }
+        let ratio = line(runs, "", labels, s, nd, b_over_a);
+        let b_a = ratio.rsplit('|').nth(1).unwrap_or(" – ").to_string();
+        format!("{row}  |  |{b_a}|")
+    };
     t.push(line(
         runs,
         &format!("throughput up, MB/s ({conns:.0} tunnels)"),
-        &labels,
+        labels,
         sel("throughput", Some("up"), "mbyte_per_s"),
         0,
         r,
     ));
-    t.push(line(runs, "throughput down, MB/s", &labels, sel("throughput", Some("down"), "mbyte_per_s"), 0, r));
-    t.push(line(runs, "proxy CPU-s per GB, up", &labels, sel("throughput", Some("up"), "proxy_cpu_s_per_gb"), 2, &[]));
-    t.push(line(
-        runs,
-        "proxy CPU-s per GB, down",
-        &labels,
-        sel("throughput", Some("down"), "proxy_cpu_s_per_gb"),
-        2,
-        &[],
-    ));
-    t.push(line(runs, "connrate, tunnels/s", &labels, sel("connrate", None, "tunnels_per_s"), 0, r));
-    t.push(line(runs, "tunnel setup p50, µs", &labels, sel("connrate", None, "p50_us"), 0, r));
-    t.push(line(runs, "tunnel setup p99, µs", &labels, sel("connrate", None, "p99_us"), 0, r));
-    t.push(line(runs, "proxy CPU µs per tunnel", &labels, sel("connrate", None, "proxy_cpu_us_per_tunnel"), 0, &[]));
-    t.push(line(runs, "latency p50, µs (64 B round trip)", &labels, sel("latency", None, "p50_us"), 1, r));
-    t.push(line(runs, "latency p90, µs", &labels, sel("latency", None, "p90_us"), 1, r));
-    t.push(line(runs, "latency p99, µs", &labels, sel("latency", None, "p99_us"), 1, r));
-    t.push(line(runs, "idle tunnels opened", &labels, sel("idle", None, "opened"), 0, &[]));
-    t.push(line(runs, "idle tunnels alive after hold", &labels, sel("idle", None, "alive_after_hold"), 0, &[]));
-    t.push(line(runs, "proxy KiB per idle tunnel", &labels, sel("idle", None, "kib_per_idle_tunnel"), 1, &[]));
-    t.push(line(runs, "proxy RSS holding them, KiB", &labels, sel("idle", None, "proxy_rss_holding_kib"), 0, &[]));
+    t.push(line(runs, "throughput down, MB/s", labels, sel("throughput", Some("down"), "mbyte_per_s"), 0, r));
+    t.push(own("proxy CPU-s per GB, up", sel("throughput", Some("up"), "proxy_cpu_s_per_gb"), 2));
+    t.push(own("proxy CPU-s per GB, down", sel("throughput", Some("down"), "proxy_cpu_s_per_gb"), 2));
+    t.push(line(runs, "connrate, tunnels/s", labels, sel("connrate", None, "tunnels_per_s"), 0, r));
+    t.push(line(runs, "tunnel setup p50, µs", labels, sel("connrate", None, "p50_us"), 0, r));
+    t.push(line(runs, "tunnel setup p99, µs", labels, sel("connrate", None, "p99_us"), 0, r));
+    t.push(own("proxy CPU µs per tunnel", sel("connrate", None, "proxy_cpu_us_per_tunnel"), 0));
+    t.push(line(runs, "latency p50, µs (64 B round trip)", labels, sel("latency", None, "p50_us"), 1, r));
+    t.push(line(runs, "latency p90, µs", labels, sel("latency", None, "p90_us"), 1, r));
+    t.push(line(runs, "latency p99, µs", labels, sel("latency", None, "p99_us"), 1, r));
+    t.push(own("idle tunnels opened", sel("idle", None, "opened"), 0));
+    t.push(own("idle tunnels alive after hold", sel("idle", None, "alive_after_hold"), 0));
+    t.push(own("proxy KiB per idle tunnel", sel("idle", None, "kib_per_idle_tunnel"), 1));
+    t.push(own("proxy RSS holding them, KiB", sel("idle", None, "proxy_rss_holding_kib"), 0));
     let errs: f64 = runs
         .iter()
         .flat_map(|r| r.iter())
