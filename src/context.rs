@@ -120,7 +120,8 @@ impl Context {
         }
     }
 
-    /// The current snapshot.
+    /// The snapshot in force now. A tunnel takes one and keeps it for its whole life, so a
+    /// reload never changes the rules under a tunnel halfway through.
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.load_full()
     }

@@ -27,7 +27,7 @@ use tls::UpstreamTls;
 
 /// The client-facing TLS stream, over whatever stream the client's front handed over.
 pub type ClientTls<C> = tokio_rustls::server::TlsStream<PrefixedIo<C>>;
-/// The upstream TLS stream.
+/// The TLS session to the origin: always over TCP, since veilgate dials the origin itself.
 pub type UpstreamTlsStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// Everything `mitm` routes need, loaded once per configuration.

@@ -50,7 +50,9 @@ impl Observer {
         Observer { shared: Arc::new(Mutex::new(Exchanges::default())), target: Arc::from(target), log_query }
     }
 
-    /// The parser for one direction.
+    /// The parser for one direction (`requests`: client to origin). Each side keeps its own
+    /// parse state; they meet only in the queue of requests awaiting a response, which is how
+    /// a response is paired with its request.
     pub fn side(&self, requests: bool) -> Side {
         Side { observer: self.clone(), requests, phase: Phase::Head(Vec::new()), current: None }
     }

@@ -14,7 +14,7 @@ pub struct RouteMatch<'a> {
     /// The route that matched (what it says beyond the mode, such as an egress, is read
     /// from here; its limits are the governor's, by the route's identity).
     pub route: Option<&'a RouteConfig>,
-    /// The mode to use.
+    /// The mode to use: the route's, or `tunnel` when none matched.
     pub mode: Mode,
 }
 
