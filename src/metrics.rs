@@ -11,7 +11,7 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::config::Mode;
-use crate::error::Refusal;
+use crate::error::{Refusal, Unanswered};
 use crate::limits::{Direction, Scope};
 
 /// Modes that carry traffic (a `deny` route never makes a tunnel).
@@ -20,6 +20,11 @@ pub const MODES: [Mode; 2] = [Mode::Tunnel, Mode::Mitm];
 /// tunnel's `Outcome` gives (a test in `tunnel` keeps the two equal); `tls_failed` is an
 /// interception whose handshakes did not complete.
 pub const OUTCOMES: [&str; 5] = ["closed", "idle_timeout", "error", "shutdown", "tls_failed"];
+/// Accepted PROXY protocol headers (`proxy_protocol_headers_total{kind}`): `proxied` carried
+/// the client's address; `local` was a balancer's health check (closed, and not a refusal, so
+/// a check every few seconds does not look like trouble); `unknown` (v1 UNKNOWN, v2 UNSPEC,
+/// UDP or unix) was served as the balancer's own connection, as the specification says.
+pub const PROXY_HEADERS: [&str; 3] = ["proxied", "local", "unknown"];
 
 const DURATION_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0];
 const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -54,6 +59,7 @@ pub struct Metrics {
     /// MITM leaf certificates served from the cache.
     pub mitm_cert_cache_hits: Counter,
     tls_handshake_failures: HashMap<&'static str, Counter>,
+    proxy_headers: HashMap<&'static str, Counter>,
 }
 
 struct Reg<'a> {
@@ -124,7 +130,7 @@ impl Metrics {
                         *reason,
                         r.counter(
                             "veilgate_refusals_total",
-                            "Requests refused with an error status, by reason.",
+                            "Requests refused, by reason: with an error status, or closed unanswered (proxy_protocol_*).",
                             &[("reason", reason)],
                         ),
                     )
@@ -202,6 +208,13 @@ impl Metrics {
                     (*side, r.counter("veilgate_tls_handshake_failures_total", help, &[("side", side)]))
                 })
                 .collect(),
+            proxy_headers: PROXY_HEADERS
+                .iter()
+                .map(|kind| {
+                    let help = "PROXY protocol headers accepted, by kind (proxied, local health check, unknown source).";
+                    (*kind, r.counter("veilgate_proxy_protocol_headers_total", help, &[("kind", kind)]))
+                })
+                .collect(),
         };
         for mode in &modes {
             for outcome in OUTCOMES {
@@ -262,6 +275,20 @@ impl Metrics {
     /// A request was refused.
     pub fn refused(&self, r: &Refusal) {
         if let Some(c) = self.refusals.get(r.reason()) {
+            c.increment(1);
+        }
+    }
+
+    /// A connection was closed unanswered.
+    pub fn unanswered(&self, u: Unanswered) {
+        if let Some(c) = self.refusals.get(u.reason()) {
+            c.increment(1);
+        }
+    }
+
+    /// A PROXY protocol header was accepted (see [`PROXY_HEADERS`]).
+    pub fn proxy_header(&self, kind: &'static str) {
+        if let Some(c) = self.proxy_headers.get(kind) {
             c.increment(1);
         }
     }

@@ -5,6 +5,7 @@
 //! With no file veilgate runs on [`DEFAULT_CONFIG`], the documented file shipped as
 //! `config/veilgate.toml`. Missing keys in a user's file take the same defaults.
 
+pub mod proxy_protocol;
 pub mod units;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::pattern::HostPattern;
+pub use proxy_protocol::{ProxyProtocol, validate_proxy_protocol};
 pub use units::{ByteRate, HumanDuration, PortRange};
 
 /// Longest timeout accepted: longer ones are mistakes, and far longer ones overflow clocks.
@@ -106,6 +108,11 @@ pub struct ServerConfig {
     /// How long a head may take before it counts as late (slowloris guard); at most half of
     /// `header_timeout` takes effect (see [`ServerConfig::late_head_after`]).
     pub head_grace: HumanDuration,
+    /// `"required"`: every connection starts with a PROXY protocol header (v1 or v2) from a
+    /// balancer in `proxy_protocol_from`, and its source address is the client.
+    pub proxy_protocol: ProxyProtocol,
+    /// The balancers allowed to send a PROXY header; every other peer is closed.
+    pub proxy_protocol_from: Vec<IpNet>,
 }
 
 impl ServerConfig {
@@ -129,6 +136,8 @@ impl Default for ServerConfig {
             max_pending: 10_000,
             max_pending_per_client: 64,
             head_grace: HumanDuration(Duration::from_secs(1)),
+            proxy_protocol: ProxyProtocol::Off,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -506,6 +515,7 @@ impl Config {
         if s.drain_timeout.0 > MAX_TIMEOUT {
             return Err(invalid("server.drain_timeout", "must be at most 30 days".into()));
         }
+        validate_proxy_protocol(s).map_err(|(key, problem)| invalid(key, problem))?;
         if let Some(a) = self.dns.servers.iter().find(|a| a.port() == 0) {
             return Err(invalid("dns.servers", format!("{a} has port 0")));
         }
