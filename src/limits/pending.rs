@@ -68,6 +68,11 @@ impl Pending {
         self.global.active()
     }
 
+    /// Connections of `client` in their head phase now (those whose client is known).
+    pub fn for_client(&self, client: &ClientKey) -> u32 {
+        self.per_client.get(client).map_or(0, |n| n.all)
+    }
+
     /// Late heads of `client` now.
     pub fn late_for(&self, client: &ClientKey) -> u32 {
         self.per_client.get(client).map_or(0, |n| n.late)
