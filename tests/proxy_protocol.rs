@@ -85,7 +85,8 @@ async fn headers(proxy: &TestProxy, kind: &str) -> f64 {
 #[tokio::test]
 async fn the_carried_source_is_the_client_for_limits_in_v1_and_v2() {
     let origin = Origin::echo().await;
-    let proxy = TestProxy::start(&config("127.0.0.1/32", "[limits.per_client]\nmax_tunnels = 1", &[origin.port()])).await;
+    let proxy =
+        TestProxy::start(&config("127.0.0.1/32", "[limits.per_client]\nmax_tunnels = 1", &[origin.port()])).await;
     let (a, mut sa) = tunnel(proxy.addr, &v1("127.0.0.2", 40001), origin.addr).await;
     assert_eq!(a.status, 200, "{}", a.text);
     let (b, mut sb) = tunnel(proxy.addr, &v2(1, "127.0.0.3", 40002), origin.addr).await;
@@ -386,12 +387,8 @@ async fn behind_a_real_haproxy_with_send_proxy_v2() {
         return;
     };
     let origin = Origin::echo().await;
-    let proxy = TestProxy::start(&config(
-        "127.0.0.1/32",
-        "[limits.per_client]\nmax_tunnels = 1",
-        &[origin.port()],
-    ))
-    .await;
+    let proxy =
+        TestProxy::start(&config("127.0.0.1/32", "[limits.per_client]\nmax_tunnels = 1", &[origin.port()])).await;
     let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("haproxy.cfg");

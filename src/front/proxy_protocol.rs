@@ -140,7 +140,11 @@ fn malformed(why: impl Into<String>) -> HeaderError {
 fn parse_v1(buf: &[u8]) -> Result<Parsed, HeaderError> {
     let window = &buf[..buf.len().min(V1_MAX)];
     let Some(end) = window.iter().position(|&b| b == b'\r' || b == b'\n') else {
-        return if buf.len() >= V1_MAX { Err(malformed("v1 line has no CRLF within 107 bytes")) } else { Ok(Parsed::Partial) };
+        return if buf.len() >= V1_MAX {
+            Err(malformed("v1 line has no CRLF within 107 bytes"))
+        } else {
+            Ok(Parsed::Partial)
+        };
     };
     if window[end] == b'\n' {
         return Err(malformed("v1 line ends in LF without CR"));
@@ -235,7 +239,13 @@ pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<(Header, Ve
 /// Takes an accepted connection on a listener that requires the header: closes an untrusted
 /// peer at once, turns a connection away over the global bound, or reads the header on the
 /// connection's own task and serves it from there.
-pub(crate) fn accepted(ctx: &Arc<Context>, shared: &Shared, tracker: &TaskTracker, stream: TcpStream, peer: SocketAddr) {
+pub(crate) fn accepted(
+    ctx: &Arc<Context>,
+    shared: &Shared,
+    tracker: &TaskTracker,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
     let server = &shared.config.server;
     if !trusted(&server.proxy_protocol_from, peer.ip()) {
         // Logged as a client: nobody vouches for this peer, so it may be one.
