@@ -501,6 +501,23 @@ mod tests {
         }
     }
 
+    /// The header phase chained before the tunnel must not grow an idle tunnel's task past
+    /// the budget `tunnel::size` guards (its state is gone when the head's begins).
+    #[tokio::test]
+    async fn a_tunnel_task_behind_a_header_stays_small() {
+        use crate::config::Config;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let ctx = Arc::new(Context::new(Shared::build(Config::default(), &[]).unwrap(), vec![], &[]));
+        let permit = ctx.pending.enter_unknown(10).unwrap();
+        let fut = serve(Arc::clone(&ctx), c, "127.0.0.1:1".parse().unwrap(), permit);
+        let size = std::mem::size_of_val(&fut);
+        let c2 = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let plain = std::mem::size_of_val(&h1::serve(ctx, c2, ClientId { addr: "127.0.0.1:1".parse().unwrap() }, None));
+        eprintln!("tunnel future behind a PROXY header: {size} bytes (plain: {plain})");
+        assert!(size < 4 * 1024, "tunnel future is {size} bytes");
+    }
+
     #[tokio::test]
     async fn reads_a_header_split_anyhow_and_keeps_what_follows() {
         let mut whole = v2_tcp4();
