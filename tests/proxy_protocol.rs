@@ -396,9 +396,10 @@ async fn behind_a_real_haproxy_with_send_proxy_v2() {
     std::fs::write(
         &cfg,
         format!(
-            "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+            "global\n  maxconn 200\n  stats socket {}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
              frontend fe\n  bind {front}\n  default_backend vg\n\
              backend vg\n  server vg {} send-proxy-v2 check check-send-proxy inter 200ms\n",
+            dir.path().join("haproxy.sock").display(),
             proxy.addr
         ),
     )
@@ -435,12 +436,26 @@ async fn behind_a_real_haproxy_with_send_proxy_v2() {
     direct.write_all(&connect_head(origin.addr)).await.unwrap();
     closed_unanswered(&mut direct).await;
     assert_eq!(refusals(&proxy, "proxy_protocol_missing").await, 1.0);
-    // HAProxy's health checks arrive as LOCAL (every 200 ms).
+    // HAProxy's health checks arrive as LOCAL (every 200 ms); answered by a close, they keep
+    // the server up (a failing check would take it down after 3).
     bounded(async {
-        while headers(&proxy, "local").await < 1.0 {
+        while headers(&proxy, "local").await < 5.0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await;
+    let stat = haproxy_server_state(&dir.path().join("haproxy.sock"));
+    assert!(stat.contains("UP") && stat.contains("L4OK"), "HAProxy's view of veilgate: {stat}");
     assert_eq!(refusals(&proxy, "proxy_protocol_malformed").await, 0.0);
+}
+
+/// The `vg` server's row of HAProxy's `show stat`: its status and last check.
+fn haproxy_server_state(socket: &std::path::Path) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("haproxy stats socket");
+    s.set_read_timeout(Some(STEP)).unwrap();
+    s.write_all(b"show stat\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().find(|l| l.starts_with("vg,vg,")).unwrap_or("no vg row").to_string()
 }
