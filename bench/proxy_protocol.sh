@@ -63,17 +63,26 @@ config off >"$TMP/off.toml"
 config required >"$TMP/required.toml"
 
 one() { # one CASE ROUND
-  local bin=$TMP/veilgate-new cfg=$TMP/off.toml flag=() p_proxy p_admin pid _
+  local bin=$TMP/veilgate-new cfg=$TMP/off.toml flag=() p_proxy p_admin pid attempt _
   case $1 in
     v2) cfg=$TMP/required.toml; flag=(--proxy-v2) ;;
     old-off) bin=$TMP/veilgate-old ;;
   esac
-  read -r p_proxy p_admin < <("$VG_BIN" free-ports --count 2)
-  "$bin" run --config "$cfg" --listen "127.0.0.1:$p_proxy" --admin-listen "127.0.0.1:$p_admin" >>"$PP_OUT/veilgate.log" 2>&1 &
-  pid=$!
-  STARTED+=("$pid")
-  for _ in $(seq 150); do http_ok "$p_admin" /readyz && break; sleep 0.1; done
-  http_ok "$p_admin" /readyz || die "veilgate ($1) not ready"
+  # A free port can be taken by someone else before veilgate binds it: then try new ones.
+  for attempt in 1 2 3; do
+    read -r p_proxy p_admin < <("$VG_BIN" free-ports --count 2)
+    "$bin" run --config "$cfg" --listen "127.0.0.1:$p_proxy" --admin-listen "127.0.0.1:$p_admin" >>"$PP_OUT/veilgate.log" 2>&1 &
+    pid=$!
+    STARTED+=("$pid")
+    for _ in $(seq 150); do
+      http_ok "$p_admin" /readyz && break
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    http_ok "$p_admin" /readyz && break
+    stop_pid "$pid"
+    [ "$attempt" -lt 3 ] || die "veilgate ($1) not ready: $(tail -1 "$PP_OUT/veilgate.log")"
+  done
   timeout -k 5 150 "$VG_BIN" connrate --label "$1" --proxy "127.0.0.1:$p_proxy" --pid "$pid" \
     --target "127.0.0.1:$p_echo" --conns "$PP_CONC" --total "$PP_TOTAL" --max-secs 120 "${flag[@]}" \
     >>"$PP_OUT/runs.jsonl" 2>>"$PP_OUT/human.log" || log "$1 round $2: connrate failed"
