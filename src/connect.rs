@@ -100,22 +100,45 @@ pub async fn read_head<R: AsyncRead + Unpin>(
     max_bytes: usize,
     deadline: Duration,
 ) -> Result<ConnectRequest, HeadError> {
+    read_head_after(io, Vec::new(), max_bytes, deadline).await
+}
+
+/// [`read_head`] for a connection some of whose head has been read already: `early`, the
+/// bytes that followed a PROXY protocol header in the same read. They are parsed before the
+/// socket is read, since they may hold the whole head, and its client may be waiting for the
+/// answer.
+pub async fn read_head_after<R: AsyncRead + Unpin>(
+    io: &mut R,
+    early: Vec<u8>,
+    max_bytes: usize,
+    deadline: Duration,
+) -> Result<ConnectRequest, HeadError> {
     let read = async {
         // One read may bring the head and the start of the client's payload (a ClientHello);
         // room is left past the cap so that payload is kept, not re-read. Reads go straight
         // into the growing buffer, so no scratch array lives in every connection's state.
         let limit = max_bytes + 2048;
-        let mut buf: Vec<u8> = Vec::with_capacity(1024);
+        let mut buf = early;
+        let mut unparsed = !buf.is_empty();
+        if buf.capacity() == 0 {
+            buf.reserve(1024);
+        }
         loop {
-            if buf.capacity() == buf.len() {
-                buf.reserve((buf.len()).clamp(1024, limit.saturating_sub(buf.len()).max(1)));
-            }
-            let room = limit.saturating_sub(buf.len());
-            let before = buf.len();
-            match io.read_buf(&mut (&mut buf).limit(room)).await {
-                Ok(0) | Err(_) => return Err(HeadError::Closed),
-                Ok(_) => {}
-            }
+            let before = if unparsed {
+                unparsed = false;
+                0
+            } else {
+                if buf.capacity() == buf.len() {
+                    buf.reserve((buf.len()).clamp(1024, limit.saturating_sub(buf.len()).max(1)));
+                }
+                let room = limit.saturating_sub(buf.len());
+                let before = buf.len();
+                match io.read_buf(&mut (&mut buf).limit(room)).await {
+                    Ok(0) | Err(_) => return Err(HeadError::Closed),
+                    Ok(_) => {}
+                }
+                before
+            };
             // Every verdict needs a line end, so bytes without one (a trickle) are not worth
             // parsing the whole head again for: that would be quadratic in the head's size.
             if !buf[before..].contains(&b'\n') && buf.len() < max_bytes {
@@ -181,6 +204,17 @@ mod tests {
         assert!(matches!(parse_head(b"CONNECT a:1 HTTP/1.1\r\nX: a\0b\r\n\r\n"), Err(Refusal::BadRequest(_))));
         let many: String = (0..70).map(|i| format!("X-{i}: v\r\n")).collect();
         assert_eq!(parse_head(format!("CONNECT a:1 HTTP/1.1\r\n{many}\r\n").as_bytes()), Err(Refusal::HeaderTooLarge));
+    }
+
+    #[tokio::test]
+    async fn early_bytes_are_parsed_before_the_socket_is_read() {
+        // The socket is at its end: a read would say the client left.
+        let early = b"CONNECT a:443 HTTP/1.1\r\n\r\n\x16\x03".to_vec();
+        let r = read_head_after(&mut tokio::io::empty(), early, 8192, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(r.leftover, b"\x16\x03");
+        let mut rest: &[u8] = b"Host: a\r\n\r\nX";
+        let r = read_head_after(&mut rest, b"CONNECT a:443 HTTP/1.1\r\n".to_vec(), 8192, Duration::from_secs(5));
+        assert_eq!(r.await.unwrap().leftover, b"X", "a partial early head is completed from the socket");
     }
 
     #[tokio::test]

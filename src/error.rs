@@ -76,9 +76,43 @@ pub enum Refusal {
     UpstreamTimeout,
 }
 
+/// A connection closed with no answer at all. Its peer is a balancer speaking the PROXY
+/// protocol for a client, not the client: an HTTP status would be one more byte stream the
+/// balancer did not expect, and the specification says to abort (proxy-protocol.txt §2.1).
+/// Counted under `refusals_total{reason}` like a [`Refusal`], but with no status, so no
+/// front can be asked to answer one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unanswered {
+    /// The peer is not in `server.proxy_protocol_from`.
+    #[error("PROXY protocol required, and the peer is not a trusted balancer")]
+    ProxyProtocolUntrusted,
+    /// The connection did not start with a PROXY protocol signature.
+    #[error("PROXY protocol header missing")]
+    ProxyProtocolMissing,
+    /// A PROXY protocol header that breaks the specification.
+    #[error("PROXY protocol header malformed")]
+    ProxyProtocolMalformed,
+    /// No complete PROXY protocol header within `header_timeout`.
+    #[error("PROXY protocol header timed out")]
+    ProxyProtocolTimeout,
+}
+
+impl Unanswered {
+    /// Metric label (`refusals_total{reason}`) and log field; one of [`Refusal::REASONS`].
+    pub fn reason(self) -> &'static str {
+        match self {
+            Unanswered::ProxyProtocolUntrusted => "proxy_protocol_untrusted",
+            Unanswered::ProxyProtocolMissing => "proxy_protocol_missing",
+            Unanswered::ProxyProtocolMalformed => "proxy_protocol_malformed",
+            Unanswered::ProxyProtocolTimeout => "proxy_protocol_timeout",
+        }
+    }
+}
+
 impl Refusal {
-    /// Every metric label, so counters can be registered (at zero) before the first refusal.
-    pub const REASONS: [&'static str; 20] = [
+    /// Every `refusals_total` label, so counters can be registered (at zero) before the
+    /// first refusal: the answered refusals', then the [`Unanswered`] closes'.
+    pub const REASONS: [&'static str; 24] = [
         "bad_request",
         "method_not_allowed",
         "auth_required",
@@ -99,6 +133,10 @@ impl Refusal {
         "dns_failed",
         "upstream_failed",
         "upstream_timeout",
+        "proxy_protocol_untrusted",
+        "proxy_protocol_missing",
+        "proxy_protocol_malformed",
+        "proxy_protocol_timeout",
     ];
 
     /// HTTP status code.
@@ -174,7 +212,14 @@ mod tests {
             Refusal::UpstreamFailed,
             Refusal::UpstreamTimeout,
         ];
-        let labels: Vec<_> = all.iter().map(Refusal::reason).collect();
+        let unanswered = [
+            Unanswered::ProxyProtocolUntrusted,
+            Unanswered::ProxyProtocolMissing,
+            Unanswered::ProxyProtocolMalformed,
+            Unanswered::ProxyProtocolTimeout,
+        ];
+        let mut labels: Vec<_> = all.iter().map(Refusal::reason).collect();
+        labels.extend(unanswered.iter().map(|u| u.reason()));
         assert_eq!(labels, Refusal::REASONS);
     }
 }

@@ -11,7 +11,7 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::config::Mode;
-use crate::error::Refusal;
+use crate::error::{Refusal, Unanswered};
 use crate::limits::{Direction, Scope};
 
 /// Modes that carry traffic (a `deny` route never makes a tunnel).
@@ -20,6 +20,11 @@ pub const MODES: [Mode; 2] = [Mode::Tunnel, Mode::Mitm];
 /// tunnel's `Outcome` gives (a test in `tunnel` keeps the two equal); `tls_failed` is an
 /// interception whose handshakes did not complete.
 pub const OUTCOMES: [&str; 5] = ["closed", "idle_timeout", "error", "shutdown", "tls_failed"];
+/// Accepted PROXY protocol headers (`proxy_protocol_headers_total{kind}`): `proxied` carried
+/// the client's address; `local` was a balancer's health check (closed, and not a refusal, so
+/// a check every few seconds does not look like trouble); `unknown` (v1 UNKNOWN, v2 UNSPEC,
+/// UDP or unix) was served as the balancer's own connection, as the specification says.
+pub const PROXY_HEADERS: [&str; 3] = ["proxied", "local", "unknown"];
 
 const DURATION_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0];
 const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -84,6 +89,8 @@ pub struct ListenerMetrics {
     /// Accepts that failed for want of a resource (EMFILE, ENFILE, ENOBUFS): the listener
     /// backs off and keeps serving, and this says it had to.
     pub accept_errors: Counter,
+    /// PROXY protocol headers accepted, by kind ([`PROXY_HEADERS`]).
+    proxy_headers: HashMap<&'static str, Counter>,
 }
 
 impl ListenerMetrics {
@@ -107,6 +114,14 @@ impl ListenerMetrics {
                 "Accepts that failed for want of a resource (descriptors, buffers); the listener backs off.",
                 &[],
             ),
+            proxy_headers: PROXY_HEADERS
+                .iter()
+                .map(|kind| {
+                    let help =
+                        "PROXY protocol headers accepted, by kind (proxied, local health check, unknown source).";
+                    (*kind, r.counter("veilgate_proxy_protocol_headers_total", help, &[("kind", kind)]))
+                })
+                .collect(),
         }
     }
 }
@@ -170,7 +185,7 @@ impl RefusalMetrics {
                         *reason,
                         r.counter(
                             "veilgate_refusals_total",
-                            "Requests refused with an error status, by reason.",
+                            "Requests refused, by reason: with an error status, or closed unanswered (proxy_protocol_*).",
                             &[("reason", reason)],
                         ),
                     )
@@ -395,6 +410,20 @@ impl Metrics {
     /// A request was refused.
     pub fn refused(&self, r: &Refusal) {
         if let Some(c) = self.refusals.by_reason.get(r.reason()) {
+            c.increment(1);
+        }
+    }
+
+    /// A connection was closed unanswered.
+    pub fn unanswered(&self, u: Unanswered) {
+        if let Some(c) = self.refusals.by_reason.get(u.reason()) {
+            c.increment(1);
+        }
+    }
+
+    /// A PROXY protocol header was accepted (see [`PROXY_HEADERS`]).
+    pub fn proxy_header(&self, kind: &'static str) {
+        if let Some(c) = self.listeners.proxy_headers.get(kind) {
             c.increment(1);
         }
     }

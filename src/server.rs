@@ -189,6 +189,12 @@ impl Controller {
         self.ctx.pending.count()
     }
 
+    /// Connections of the client at `ip` in their head phase (counted once the client is
+    /// known: at accept, or after its PROXY header).
+    pub fn pending_for_ip(&self, ip: std::net::IpAddr) -> u32 {
+        self.ctx.pending.for_client(&self.ctx.shared().client_key(ip))
+    }
+
     /// Tracked per-client keys (client states, rate-limiter keys) after a sweep.
     pub fn sweep(&self) -> (usize, usize) {
         self.ctx.governor.local().sweep()

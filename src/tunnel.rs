@@ -321,7 +321,7 @@ impl Outcome {
 }
 
 /// The client's address as `log.client_address` allows: absent, truncated or whole.
-fn client_field(ip: IpAddr, mode: ClientAddressLog) -> Option<String> {
+pub(crate) fn client_field(ip: IpAddr, mode: ClientAddressLog) -> Option<String> {
     match (mode, ip.to_canonical()) {
         (ClientAddressLog::Omit, _) => None,
         (ClientAddressLog::Full, ip) => Some(ip.to_string()),

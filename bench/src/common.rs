@@ -208,6 +208,18 @@ pub async fn open_tunnel_from(
     target: &str,
     target_addr: SocketAddr,
 ) -> io::Result<(TcpStream, Vec<u8>)> {
+    open_tunnel_behind(from, proxy, &[], target, target_addr).await
+}
+
+/// [`open_tunnel_from`] as a balancer would open it: `header` (a PROXY protocol header; empty
+/// for none) written on its own first, as HAProxy writes it on connect, then the CONNECT.
+pub async fn open_tunnel_behind(
+    from: Option<IpAddr>,
+    proxy: Option<SocketAddr>,
+    header: &[u8],
+    target: &str,
+    target_addr: SocketAddr,
+) -> io::Result<(TcpStream, Vec<u8>)> {
     let Some(p) = proxy else {
         let s = connect_from(from, target_addr).await?;
         s.set_nodelay(true)?;
@@ -215,6 +227,9 @@ pub async fn open_tunnel_from(
     };
     let mut s = connect_from(from, p).await?;
     s.set_nodelay(true)?;
+    if !header.is_empty() {
+        s.write_all(header).await?;
+    }
     s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await?;
     let mut buf = Vec::with_capacity(256);
     let mut tmp = [0u8; 1024];

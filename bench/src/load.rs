@@ -71,6 +71,24 @@ pub struct ConnrateArgs {
     /// one run acts as many clients (bench/throttle.sh passes 1,000).
     #[arg(long, value_delimiter = ',')]
     pub bind: Vec<std::net::IpAddr>,
+    /// Send a PROXY protocol v2 header before each CONNECT, as HAProxy's `send-proxy-v2`
+    /// does (veilgate with `server.proxy_protocol = "required"`). It claims a client in
+    /// 192.0.2.0/24 (TEST-NET-1, never dialled: only a label), round-robin by tunnel number.
+    #[arg(long)]
+    pub proxy_v2: bool,
+}
+
+/// A PROXY v2 header for TCP over IPv4 from 192.0.2.x (x = 1 + i % 250) to `dst`.
+fn proxy_v2_header(i: usize, dst: std::net::SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    h.extend_from_slice(&[192, 0, 2, 1 + (i % 250) as u8]);
+    match dst.ip() {
+        std::net::IpAddr::V4(v4) => h.extend_from_slice(&v4.octets()),
+        std::net::IpAddr::V6(_) => h.extend_from_slice(&[127, 0, 0, 1]),
+    }
+    h.extend_from_slice(&(40000 + (i % 20000) as u16).to_be_bytes());
+    h.extend_from_slice(&dst.port().to_be_bytes());
+    h
 }
 
 #[derive(Args)]
@@ -327,7 +345,16 @@ async fn one_echo_tunnel(c: &Ctx, byte: u8) -> io::Result<tokio::net::TcpStream>
 }
 
 async fn one_echo_tunnel_from(from: Option<std::net::IpAddr>, c: &Ctx, byte: u8) -> io::Result<tokio::net::TcpStream> {
-    let (mut s, rest) = open_tunnel_from(from, c.proxy, &c.target, c.target_addr).await?;
+    one_echo_tunnel_behind(from, &[], c, byte).await
+}
+
+async fn one_echo_tunnel_behind(
+    from: Option<std::net::IpAddr>,
+    header: &[u8],
+    c: &Ctx,
+    byte: u8,
+) -> io::Result<tokio::net::TcpStream> {
+    let (mut s, rest) = open_tunnel_behind(from, c.proxy, header, &c.target, c.target_addr).await?;
     if !rest.is_empty() {
         return Err(err("unexpected bytes after the CONNECT answer"));
     }
@@ -343,6 +370,7 @@ pub async fn connrate(a: ConnrateArgs) -> io::Result<()> {
     let stop_at = t0 + Duration::from_secs(a.max_secs);
     let mut hs = Vec::new();
     let bind = Arc::new(a.bind.clone());
+    let proxy_v2 = a.proxy_v2.then_some(c.proxy).flatten();
     for _ in 0..a.conns.max(1) {
         let (c, next, total, bind) = (c.clone(), next.clone(), a.total, bind.clone());
         hs.push(tokio::spawn(async move {
@@ -353,8 +381,9 @@ pub async fn connrate(a: ConnrateArgs) -> io::Result<()> {
                     break;
                 }
                 let from = (!bind.is_empty()).then(|| bind[i % bind.len()]);
+                let header = proxy_v2.map(|p| proxy_v2_header(i, p)).unwrap_or_default();
                 let t = Instant::now();
-                match timeout(c.op, one_echo_tunnel_from(from, &c, check_byte(i))).await {
+                match timeout(c.op, one_echo_tunnel_behind(from, &header, &c, check_byte(i))).await {
                     Ok(Ok(s)) => {
                         lat.push(t.elapsed().as_secs_f64() * 1e6);
                         drop(s);
@@ -380,6 +409,7 @@ pub async fn connrate(a: ConnrateArgs) -> io::Result<()> {
     m.insert("conns".into(), json!(a.conns));
     m.insert("total".into(), json!(a.total));
     m.insert("clients".into(), json!(a.bind.len().max(1)));
+    m.insert("proxy_v2".into(), json!(a.proxy_v2));
     m.insert("ok".into(), json!(lat.len()));
     m.insert("errors".into(), json!(errs.len()));
     m.insert("first_error".into(), json!(errs.first()));

@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, HumanDuration, MAX_TIMEOUT, check_timeout};
+use super::{ConfigError, HumanDuration, MAX_TIMEOUT, ProxyProtocol, check_timeout, validate_proxy_protocol};
 
 /// `[server]`
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -35,6 +36,11 @@ pub struct ServerConfig {
     /// How long a head may take before it counts as late (slowloris guard); at most half of
     /// `header_timeout` takes effect (see [`ServerConfig::late_head_after`]).
     pub head_grace: HumanDuration,
+    /// `"required"`: every connection starts with a PROXY protocol header (v1 or v2) from a
+    /// balancer in `proxy_protocol_from`, and its source address is the client.
+    pub proxy_protocol: ProxyProtocol,
+    /// The balancers allowed to send a PROXY header; every other peer is closed.
+    pub proxy_protocol_from: Vec<IpNet>,
 }
 
 impl ServerConfig {
@@ -86,6 +92,7 @@ impl ServerConfig {
         if self.drain_timeout.0 > MAX_TIMEOUT {
             return Err(invalid("server.drain_timeout", "must be at most 30 days".into()));
         }
+        validate_proxy_protocol(self).map_err(|(key, problem)| invalid(key, problem))?;
         Ok(())
     }
 }
@@ -103,6 +110,8 @@ impl Default for ServerConfig {
             max_pending: 10_000,
             max_pending_per_client: 64,
             head_grace: HumanDuration(Duration::from_secs(1)),
+            proxy_protocol: ProxyProtocol::Off,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }

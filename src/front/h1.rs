@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::OptionFuture;
@@ -18,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span};
 
 use super::{ClientConn, ClientId, ClientIo};
-use crate::config::ServerConfig;
+use crate::config::{ProxyProtocol, ServerConfig};
 use crate::connect::{self, ConnectRequest, HeadError};
 use crate::context::{Context, Shared};
 use crate::error::Refusal;
@@ -55,6 +56,9 @@ impl<S: ClientIo> ClientConn for H1<S> {
 /// head-phase bounds, turns it away at once.
 pub(crate) fn accepted(ctx: &Arc<Context>, tracker: &TaskTracker, stream: TcpStream, peer: SocketAddr) {
     let shared = ctx.shared();
+    if shared.config.server.proxy_protocol == ProxyProtocol::Required {
+        return super::proxy_protocol::accepted(ctx, &shared, tracker, stream, peer);
+    }
     match ctx.pending.enter(shared.client_key(peer.ip()), shared.config.server.max_pending) {
         Ok(permit) => {
             let span = info_span!("conn", id = super::next_id());
@@ -79,7 +83,21 @@ pub fn serve<S: ClientIo>(
     client: ClientId,
     pending: Option<PendingPermit>,
 ) -> impl Future<Output = ()> + Send {
-    head_phase(ctx, stream, client, pending)
+    serve_after(ctx, stream, client, pending, Vec::new(), Duration::ZERO)
+}
+
+/// [`serve`] for a connection that has been read from already (a PROXY protocol header):
+/// `early` are the bytes read past that, the start of the head; `spent` is the time taken
+/// from `header_timeout`, which bounds everything before the tunnel from accept on.
+pub(crate) fn serve_after<S: ClientIo>(
+    ctx: Arc<Context>,
+    stream: S,
+    client: ClientId,
+    pending: Option<PendingPermit>,
+    early: Vec<u8>,
+    spent: Duration,
+) -> impl Future<Output = ()> + Send {
+    head_phase(ctx, stream, client, pending, early, spent)
         .then(|next| OptionFuture::from(next.map(|(tunnel, shared, req)| tunnel.run(shared, req))))
         .map(drop)
 }
@@ -90,11 +108,13 @@ async fn head_phase<S: ClientIo>(
     stream: S,
     client: ClientId,
     mut pending: Option<PendingPermit>,
+    early: Vec<u8>,
+    spent: Duration,
 ) -> Option<(Tunnel<H1<S>>, Arc<Shared>, ConnectRequest)> {
     let mut conn = H1 { stream };
     let shared = ctx.shared();
     let head = tokio::select! {
-        head = read_head(&mut conn.stream, pending.as_mut(), &shared.config.server) => head,
+        head = read_head(&mut conn.stream, pending.as_mut(), &shared.config.server, early, spent) => head,
         // Draining: a client that has not finished its head has been promised nothing.
         () = ctx.draining.cancelled() => return None,
     };
@@ -120,8 +140,11 @@ async fn read_head<S: ClientIo>(
     stream: &mut S,
     pending: Option<&mut PendingPermit>,
     server: &ServerConfig,
+    early: Vec<u8>,
+    spent: Duration,
 ) -> Result<ConnectRequest, HeadError> {
-    let read = connect::read_head(stream, server.max_header_bytes, server.header_timeout.0);
+    let deadline = server.header_timeout.0.saturating_sub(spent);
+    let read = connect::read_head_after(stream, early, server.max_header_bytes, deadline);
     tokio::pin!(read);
     if let Ok(head) = tokio::time::timeout(server.late_head_after(), &mut read).await {
         return head;
@@ -135,7 +158,7 @@ async fn read_head<S: ClientIo>(
 /// Over the head-phase bounds: answer at once without reading (a non-blocking write into an
 /// empty socket buffer) and close. Counted; logged at debug only, because this is the path a
 /// flood takes and a log line per connection would be its amplifier.
-fn turn_away(ctx: &Context, stream: &TcpStream, why: PendingRefusal) {
+pub(crate) fn turn_away(ctx: &Context, stream: &TcpStream, why: PendingRefusal) {
     let refusal = match why {
         PendingRefusal::Global => Refusal::PendingCap,
         PendingRefusal::ClientShare | PendingRefusal::ClientLate => Refusal::ClientPendingCap,

@@ -8,6 +8,7 @@
 //! is the plain HTTP/1 front, [`h1`].
 
 pub mod h1;
+pub mod proxy_protocol;
 
 use std::future::Future;
 use std::io;
@@ -36,8 +37,9 @@ impl ClientIo for TcpStream {
 }
 
 /// Who the client is, as its front established it: what limits, authentication attempts
-/// and logs go by. The TCP peer today; a PROXY-protocol source or a TLS client certificate
-/// when those fronts exist.
+/// and logs go by. Made in one of two places, by `server.proxy_protocol`: the TCP peer at
+/// accept (`h1::accepted`), or the source a balancer's PROXY header carries
+/// ([`proxy_protocol`]); everything after reads it from here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientId {
     /// The client's address (never a metric label; logged only as `log.client_address` allows).

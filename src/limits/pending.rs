@@ -50,21 +50,27 @@ pub enum PendingRefusal {
 impl Pending {
     /// Counts one more connection of `client` at accept, or says which bound it would cross.
     pub fn enter(&self, client: ClientKey, global_cap: u32) -> Result<PendingPermit, PendingRefusal> {
+        let mut permit = self.enter_unknown(global_cap)?;
+        permit.identify(client, global_cap)?;
+        Ok(permit)
+    }
+
+    /// Counts one more connection whose client is not known yet (a PROXY protocol header is
+    /// still to come: the peer is the balancer, whom no client bound should charge). Only the
+    /// global bound applies until [`PendingPermit::identify`].
+    pub fn enter_unknown(&self, global_cap: u32) -> Result<PendingPermit, PendingRefusal> {
         let global = self.global.try_acquire(Some(global_cap)).ok_or(PendingRefusal::Global)?;
-        let share = (global_cap / 2).max(1);
-        {
-            let mut n = self.per_client.entry(client.clone()).or_default();
-            if n.all >= share {
-                return Err(PendingRefusal::ClientShare);
-            }
-            n.all += 1;
-        }
-        Ok(PendingPermit { _global: global, per_client: Arc::clone(&self.per_client), client, late: false })
+        Ok(PendingPermit { _global: global, per_client: Arc::clone(&self.per_client), client: None, late: false })
     }
 
     /// Connections in their head phase now.
     pub fn count(&self) -> u32 {
         self.global.active()
+    }
+
+    /// Connections of `client` in their head phase now (those whose client is known).
+    pub fn for_client(&self, client: &ClientKey) -> u32 {
+        self.per_client.get(client).map_or(0, |n| n.all)
     }
 
     /// Late heads of `client` now.
@@ -77,18 +83,37 @@ impl Pending {
 pub struct PendingPermit {
     _global: Slot,
     per_client: Arc<DashMap<ClientKey, Counts>>,
-    client: ClientKey,
+    /// `None` until the client is known.
+    client: Option<ClientKey>,
     late: bool,
 }
 
 impl PendingPermit {
+    /// The connection's client is `client` now: count the connection against its share of
+    /// `global_cap`, or say it is over it (the permit stays unidentified then).
+    pub fn identify(&mut self, client: ClientKey, global_cap: u32) -> Result<(), PendingRefusal> {
+        debug_assert!(self.client.is_none(), "a connection has one client");
+        let share = (global_cap / 2).max(1);
+        {
+            let mut n = self.per_client.entry(client.clone()).or_default();
+            if n.all >= share {
+                return Err(PendingRefusal::ClientShare);
+            }
+            n.all += 1;
+        }
+        self.client = Some(client);
+        Ok(())
+    }
+
     /// The head is still incomplete after the grace: count it against the client's bound of
     /// late heads (`cap`), or refuse it when the client is at that bound.
     pub fn late(&mut self, cap: u32) -> Result<(), PendingRefusal> {
+        // A head is only read once its client is known, so an unknown client has no head yet.
+        let Some(client) = &self.client else { return Ok(()) };
         if self.late {
             return Ok(());
         }
-        let mut n = self.per_client.entry(self.client.clone()).or_default();
+        let mut n = self.per_client.entry(client.clone()).or_default();
         if n.late >= cap {
             return Err(PendingRefusal::ClientLate);
         }
@@ -100,13 +125,14 @@ impl PendingPermit {
 
 impl Drop for PendingPermit {
     fn drop(&mut self) {
-        if let Some(mut n) = self.per_client.get_mut(&self.client) {
+        let Some(client) = &self.client else { return };
+        if let Some(mut n) = self.per_client.get_mut(client) {
             n.all = n.all.saturating_sub(1);
             if self.late {
                 n.late = n.late.saturating_sub(1);
             }
         }
-        self.per_client.remove_if(&self.client, |_, n| n.all == 0);
+        self.per_client.remove_if(client, |_, n| n.all == 0);
     }
 }
 
@@ -147,6 +173,28 @@ mod tests {
         let _b: Vec<_> = (0..5).map(|_| p.enter(b.clone(), 10).unwrap()).collect();
         assert_eq!(p.enter(key("127.0.0.4"), 10).err(), Some(PendingRefusal::Global));
         assert_eq!(p.count(), 10);
+    }
+
+    #[test]
+    fn a_client_learned_later_takes_its_share_then() {
+        let p = Pending::default();
+        let a = key("127.0.0.2");
+        let mut unknown: Vec<PendingPermit> = (0..4).map(|_| p.enter_unknown(6).unwrap()).collect();
+        assert_eq!(p.count(), 4);
+        assert!(p.per_client.is_empty(), "no client is charged before it is known");
+        assert!(unknown[0].late(1).is_ok(), "nothing to be late for yet");
+        assert!(unknown[0].identify(a.clone(), 6).is_ok());
+        assert!(unknown[1].identify(a.clone(), 6).is_ok());
+        assert!(unknown[2].identify(a.clone(), 6).is_ok());
+        assert_eq!(unknown[3].identify(a.clone(), 6), Err(PendingRefusal::ClientShare), "half of 6");
+        assert!(unknown[0].late(1).is_ok());
+        assert_eq!(unknown[1].late(1), Err(PendingRefusal::ClientLate));
+        assert_eq!(p.enter_unknown(6).map(drop), Ok(()));
+        let _more: Vec<_> = (0..2).map(|_| p.enter_unknown(6).unwrap()).collect();
+        assert_eq!(p.enter_unknown(6).err(), Some(PendingRefusal::Global));
+        unknown.clear();
+        assert_eq!(p.late_for(&a), 0);
+        assert!(p.per_client.is_empty());
     }
 
     #[test]
