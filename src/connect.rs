@@ -139,6 +139,12 @@ pub async fn read_head_after<R: AsyncRead + Unpin>(
                 }
                 before
             };
+            // A TLS record where a request line should be: the client was set up for an
+            // HTTPS proxy. Said at once, since a ClientHello need not hold a line end and the
+            // client waits for an answer to it, not for a timeout.
+            if buf.first() == Some(&crate::front::tls::TLS_HANDSHAKE) {
+                return Err(HeadError::Refuse(Refusal::TlsOnPlaintext));
+            }
             // Every verdict needs a line end, so bytes without one (a trickle) are not worth
             // parsing the whole head again for: that would be quadratic in the head's size.
             if !buf[before..].contains(&b'\n') && buf.len() < max_bytes {

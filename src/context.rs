@@ -32,6 +32,9 @@ pub struct Shared {
     pub auth: Option<Auth>,
     /// `[mitm]`, when configured.
     pub interceptor: Option<Interceptor>,
+    /// The TLS listeners' certificate and key, when `server.tls_listen` is set: part of the
+    /// snapshot, so a reload serves a new pair to the next handshake.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Each route's identity ([`RouteConfig::key`](crate::config::RouteConfig::key)) by
     /// route index: per-route limit state is keyed by it, and building it here spares every
     /// tunnel to such a route a string.
@@ -47,6 +50,9 @@ pub enum LoadError {
     /// `[mitm]`.
     #[error("mitm: {0}")]
     Mitm(#[from] CaError),
+    /// `server.tls_cert` / `server.tls_key`.
+    #[error("server TLS listener: {0}")]
+    Tls(CaError),
 }
 
 impl Shared {
@@ -62,6 +68,12 @@ impl Shared {
             Some(m) => Some(Interceptor::load(m)?),
             None => None,
         };
+        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (Some(cert), Some(key)) if !config.server.tls_listen.is_empty() => {
+                Some(crate::front::tls::load(cert, key).map_err(LoadError::Tls)?)
+            }
+            _ => None,
+        };
         let acl = Arc::new(Acl::new(&config.policy, own.to_vec()));
         let route_ids = config.routes.iter().map(|r| Arc::from(r.key())).collect();
         Ok(Shared {
@@ -70,6 +82,7 @@ impl Shared {
             acl,
             auth,
             interceptor,
+            tls,
             config,
         })
     }

@@ -74,6 +74,16 @@ pub enum Refusal {
     /// Upstream connect did not finish within `connect_timeout` (504).
     #[error("upstream connection timed out")]
     UpstreamTimeout,
+    /// A TLS handshake arrived on a plaintext listener (400, which the client's TLS stack
+    /// reports as a protocol error): the client was set up for an HTTPS proxy.
+    #[error("TLS handshake on the plaintext listener; an HTTPS proxy client needs server.tls_listen")]
+    TlsOnPlaintext,
+    /// Plaintext arrived on a TLS listener (400, in plaintext, so the client can read it).
+    #[error("plaintext request on the TLS listener; use an HTTPS proxy URL (https://) for this port")]
+    PlaintextOnTls,
+    /// `auth.require_tls`: a plaintext listener never asks for or takes credentials (403).
+    #[error("credentials are accepted only on the TLS listener (auth.require_tls)")]
+    TlsRequired,
 }
 
 /// A connection closed with no answer at all. Its peer is a balancer speaking the PROXY
@@ -95,6 +105,10 @@ pub enum Unanswered {
     /// No complete PROXY protocol header within `header_timeout`.
     #[error("PROXY protocol header timed out")]
     ProxyProtocolTimeout,
+    /// The TLS handshake on a TLS listener failed or did not finish within `header_timeout`:
+    /// there is no session to answer in.
+    #[error("TLS handshake with the client failed")]
+    TlsHandshake,
 }
 
 impl Unanswered {
@@ -105,6 +119,7 @@ impl Unanswered {
             Unanswered::ProxyProtocolMissing => "proxy_protocol_missing",
             Unanswered::ProxyProtocolMalformed => "proxy_protocol_malformed",
             Unanswered::ProxyProtocolTimeout => "proxy_protocol_timeout",
+            Unanswered::TlsHandshake => "tls_handshake_failed",
         }
     }
 }
@@ -112,7 +127,7 @@ impl Unanswered {
 impl Refusal {
     /// Every `refusals_total` label, so counters can be registered (at zero) before the
     /// first refusal: the answered refusals', then the [`Unanswered`] closes'.
-    pub const REASONS: [&'static str; 24] = [
+    pub const REASONS: [&'static str; 28] = [
         "bad_request",
         "method_not_allowed",
         "auth_required",
@@ -133,16 +148,21 @@ impl Refusal {
         "dns_failed",
         "upstream_failed",
         "upstream_timeout",
+        "tls_on_plaintext",
+        "plaintext_on_tls",
+        "tls_required",
         "proxy_protocol_untrusted",
         "proxy_protocol_missing",
         "proxy_protocol_malformed",
         "proxy_protocol_timeout",
+        "tls_handshake_failed",
     ];
 
     /// HTTP status code.
     pub fn status(&self) -> u16 {
         match self {
-            Refusal::BadRequest(_) => 400,
+            Refusal::BadRequest(_) | Refusal::TlsOnPlaintext | Refusal::PlaintextOnTls => 400,
+            Refusal::TlsRequired => 403,
             Refusal::MethodNotAllowed => 405,
             Refusal::AuthRequired => 407,
             Refusal::AuthAttempts { .. } => 429,
@@ -180,6 +200,9 @@ impl Refusal {
             Refusal::DnsFailed => "dns_failed",
             Refusal::UpstreamFailed => "upstream_failed",
             Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::TlsOnPlaintext => "tls_on_plaintext",
+            Refusal::PlaintextOnTls => "plaintext_on_tls",
+            Refusal::TlsRequired => "tls_required",
         }
     }
 }
@@ -211,12 +234,16 @@ mod tests {
             Refusal::DnsFailed,
             Refusal::UpstreamFailed,
             Refusal::UpstreamTimeout,
+            Refusal::TlsOnPlaintext,
+            Refusal::PlaintextOnTls,
+            Refusal::TlsRequired,
         ];
         let unanswered = [
             Unanswered::ProxyProtocolUntrusted,
             Unanswered::ProxyProtocolMissing,
             Unanswered::ProxyProtocolMalformed,
             Unanswered::ProxyProtocolTimeout,
+            Unanswered::TlsHandshake,
         ];
         let mut labels: Vec<_> = all.iter().map(Refusal::reason).collect();
         labels.extend(unanswered.iter().map(|u| u.reason()));

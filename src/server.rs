@@ -39,9 +39,18 @@ pub enum StartError {
 
 /// A bound proxy, ready to run.
 pub struct Proxy {
-    listeners: Vec<(SocketAddr, TcpListener)>,
+    listeners: Vec<(SocketAddr, TcpListener, Kind)>,
     admin: Option<(SocketAddr, TcpListener)>,
     ctx: Arc<Context>,
+}
+
+/// Which front a proxy listener's connections start in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `server.listen`: HTTP/1 in the clear.
+    Plain,
+    /// `server.tls_listen`: TLS, then HTTP/1 inside it.
+    Tls,
 }
 
 /// A handle to a running proxy: reload it, look at its state.
@@ -56,7 +65,11 @@ impl Proxy {
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
             let l = listen(*addr).map_err(|source| StartError::Bind { addr: *addr, source })?;
-            listeners.push((l.local_addr().unwrap_or(*addr), l));
+            listeners.push((l.local_addr().unwrap_or(*addr), l, Kind::Plain));
+        }
+        for addr in &config.server.tls_listen {
+            let l = listen(*addr).map_err(|source| StartError::Bind { addr: *addr, source })?;
+            listeners.push((l.local_addr().unwrap_or(*addr), l, Kind::Tls));
         }
         let admin = match config.server.admin_listen {
             Some(addr) => {
@@ -65,7 +78,7 @@ impl Proxy {
             }
             None => None,
         };
-        let bound: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
+        let bound: Vec<SocketAddr> = listeners.iter().map(|(a, _, _)| *a).collect();
         let mut own = bound.clone();
         own.extend(admin.as_ref().map(|(a, _)| *a));
         // A wildcard listener is reachable through every local address, not only loopback.
@@ -80,9 +93,18 @@ impl Proxy {
         Ok(Proxy { listeners, admin, ctx })
     }
 
-    /// The proxy listeners' bound addresses.
+    /// The plaintext proxy listeners' bound addresses.
     pub fn proxy_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|(a, _)| *a).collect()
+        self.addrs(Kind::Plain)
+    }
+
+    /// The TLS (HTTPS proxy) listeners' bound addresses.
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(Kind::Tls)
+    }
+
+    fn addrs(&self, kind: Kind) -> Vec<SocketAddr> {
+        self.listeners.iter().filter(|(_, _, k)| *k == kind).map(|(a, _, _)| *a).collect()
     }
 
     /// The admin listener's bound address.
@@ -134,9 +156,9 @@ impl Proxy {
             })
         };
         let mut accept_loops = Vec::new();
-        for (addr, l) in self.listeners {
-            info!(%addr, "proxy listener up");
-            accept_loops.push(tokio::spawn(accept_loop(l, addr, Arc::clone(&ctx), tracker.clone())));
+        for (addr, l, kind) in self.listeners {
+            info!(%addr, tls = kind == Kind::Tls, "proxy listener up");
+            accept_loops.push(tokio::spawn(accept_loop(l, addr, kind, Arc::clone(&ctx), tracker.clone())));
         }
 
         shutdown.await;
@@ -206,7 +228,7 @@ impl Controller {
     }
 }
 
-async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Context>, tracker: TaskTracker) {
+async fn accept_loop(listener: TcpListener, addr: SocketAddr, kind: Kind, ctx: Arc<Context>, tracker: TaskTracker) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -217,7 +239,10 @@ async fn accept_loop(listener: TcpListener, addr: SocketAddr, ctx: Arc<Context>,
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 ctx.metrics.accepted(addr);
-                front::h1::accepted(&ctx, &tracker, stream, peer);
+                match kind {
+                    Kind::Plain => front::h1::accepted(&ctx, &tracker, stream, peer),
+                    Kind::Tls => front::tls::accepted(&ctx, &tracker, stream, peer),
+                }
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {

@@ -47,6 +47,11 @@ impl<C: ClientConn> Tunnel<C> {
         let key = match &shared.auth {
             None => shared.client_key(self.client.addr.ip()),
             Some(auth) => {
+                // Before the credentials are even looked at: they have crossed in the clear
+                // already, and a 407 would only ask for them again.
+                if !self.conn.secure() && shared.config.auth.as_ref().is_some_and(|a| a.require_tls) {
+                    return self.refuse(Refusal::TlsRequired, &req).await;
+                }
                 let from = shared.client_key(self.client.addr.ip());
                 let hashes = &ctx.metrics.auth.hashes;
                 match auth.check(req.proxy_authorization.as_deref(), &from, &ctx.governor, hashes).await {

@@ -25,6 +25,10 @@ pub struct AuthConfig {
     /// Burst for `attempts_per_second`.
     #[serde(default = "default_attempts_burst")]
     pub attempts_burst: NonZeroU32,
+    /// Take credentials only on TLS listeners: a plaintext listener answers 403 and never
+    /// sends a 407 challenge, so a misconfigured client never sends a password in the clear.
+    #[serde(default)]
+    pub require_tls: bool,
 }
 
 impl AuthConfig {

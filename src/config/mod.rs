@@ -127,7 +127,7 @@ impl Config {
     }
 
     /// Reads, parses and validates a file. Relative file paths in it (`auth.credentials_file`,
-    /// `mitm.ca_cert`, `mitm.ca_key`, a `mitm.upstream_roots` bundle) are made relative to the
+    /// `server.tls_cert`, `server.tls_key`, `mitm.ca_cert`, `mitm.ca_key`, a `mitm.upstream_roots` bundle) are made relative to the
     /// file's folder, so the proxy reads the same files whatever its working directory, on
     /// start-up and on every reload.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -143,6 +143,9 @@ impl Config {
         let under = |p: &Path| if p.is_relative() { dir.join(p) } else { p.to_path_buf() };
         if let Some(a) = &mut self.auth {
             a.credentials_file = under(&a.credentials_file);
+        }
+        for p in [&mut self.server.tls_cert, &mut self.server.tls_key].into_iter().flatten() {
+            *p = under(p);
         }
         if let Some(m) = &mut self.mitm {
             m.ca_cert = under(&m.ca_cert);
@@ -187,6 +190,15 @@ impl Config {
         }
         if let Some(auth) = &self.auth {
             auth.validate(origin)?;
+            // Cross-section: with credentials only under TLS and no TLS listener, nobody
+            // could ever authenticate.
+            if auth.require_tls && self.server.tls_listen.is_empty() {
+                return Err(ConfigError::invalid(
+                    origin,
+                    "auth.require_tls",
+                    "needs a TLS listener (server.tls_listen, tls_cert, tls_key)".into(),
+                ));
+            }
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! `[server]`: listeners, deadlines and the bounds on connections still sending their head.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -41,6 +42,13 @@ pub struct ServerConfig {
     pub proxy_protocol: ProxyProtocol,
     /// The balancers allowed to send a PROXY header; every other peer is closed.
     pub proxy_protocol_from: Vec<IpNet>,
+    /// HTTPS proxy listeners: the client speaks TLS to veilgate, then the same CONNECT, so
+    /// nobody between them reads the targets or the credentials.
+    pub tls_listen: Vec<SocketAddr>,
+    /// PEM certificate chain for `tls_listen` (leaf first).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`; refused when group or others may read it.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -93,6 +101,38 @@ impl ServerConfig {
             return Err(invalid("server.drain_timeout", "must be at most 30 days".into()));
         }
         validate_proxy_protocol(self).map_err(|(key, problem)| invalid(key, problem))?;
+        self.validate_tls(origin)
+    }
+
+    /// `tls_listen` needs a certificate and key, and they mean nothing without it; its
+    /// addresses are distinct from every other listener's.
+    fn validate_tls(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::invalid(origin, key, problem);
+        if self.tls_listen.is_empty() {
+            if self.tls_cert.is_some() || self.tls_key.is_some() {
+                return Err(invalid("server.tls_cert", "tls_cert and tls_key are used only with tls_listen".into()));
+            }
+            return Ok(());
+        }
+        if self.tls_cert.is_none() || self.tls_key.is_none() {
+            return Err(invalid("server.tls_listen", "a TLS listener needs tls_cert and tls_key".into()));
+        }
+        for (i, a) in self.tls_listen.iter().enumerate() {
+            if a.port() == 0 {
+                continue;
+            }
+            if self.tls_listen[..i].contains(a) || self.listen.contains(a) || Some(*a) == self.admin_listen {
+                return Err(invalid("server.tls_listen", format!("{a} is already a listener")));
+            }
+        }
+        if self.proxy_protocol == ProxyProtocol::Required {
+            return Err(invalid(
+                "server.tls_listen",
+                "PROXY protocol in front of the TLS listener is not supported yet; terminate at the \
+                 balancer or use the plaintext listener"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -112,6 +152,9 @@ impl Default for ServerConfig {
             head_grace: HumanDuration(Duration::from_secs(1)),
             proxy_protocol: ProxyProtocol::Off,
             proxy_protocol_from: Vec::new(),
+            tls_listen: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

@@ -32,8 +32,19 @@ pub struct H1<S> {
     stream: S,
 }
 
+impl<S> H1<S> {
+    /// A connection whose head has not been read (or need not be, to answer it).
+    pub(crate) fn new(stream: S) -> H1<S> {
+        H1 { stream }
+    }
+}
+
 impl<S: ClientIo> ClientConn for H1<S> {
     type Io = S;
+
+    fn secure(&self) -> bool {
+        self.stream.secure()
+    }
 
     fn tcp(&self) -> Option<&TcpStream> {
         self.stream.tcp()

@@ -9,6 +9,7 @@
 
 pub mod h1;
 pub mod proxy_protocol;
+pub mod tls;
 
 use std::future::Future;
 use std::io;
@@ -27,6 +28,11 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The socket itself, when the stream is a bare TCP connection.
     fn tcp(&self) -> Option<&TcpStream> {
         None
+    }
+
+    /// Whether the stream is encrypted between the client and veilgate (`auth.require_tls`).
+    fn secure(&self) -> bool {
+        false
     }
 }
 
@@ -51,6 +57,9 @@ pub struct ClientId {
 pub trait ClientConn: Send {
     /// The stream the relay gets.
     type Io: ClientIo;
+
+    /// Whether the connection is encrypted between the client and veilgate.
+    fn secure(&self) -> bool;
 
     /// The TCP socket under the connection, when it has one of its own (an HTTP/2 stream
     /// shares its connection's socket, so it must not be tuned per tunnel).

@@ -178,7 +178,7 @@ impl CertAuthority {
 
 /// Reads the key through one open file, refusing it when group or others may read it or
 /// when another user owns it (checked on the open file, so it cannot change in between).
-fn read_private(key: &Path) -> Result<String, CaError> {
+pub(crate) fn read_private(key: &Path) -> Result<String, CaError> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let mut file = std::fs::File::open(key).map_err(io_err(key))?;

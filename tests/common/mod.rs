@@ -90,6 +90,8 @@ pub struct TestProxy {
     pub addr: SocketAddr,
     /// Every proxy listener, in `server.listen` order.
     pub addrs: Vec<SocketAddr>,
+    /// The TLS (HTTPS proxy) listeners, in `server.tls_listen` order.
+    pub tls: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub controller: Controller,
     stop: Option<oneshot::Sender<()>>,
@@ -106,6 +108,7 @@ impl TestProxy {
     pub async fn start_config(config: Config) -> TestProxy {
         let proxy = Proxy::bind(config).await.expect("proxy binds");
         let addrs = proxy.proxy_addrs();
+        let tls = proxy.tls_addrs();
         let addr = addrs[0];
         let admin = proxy.admin_addr();
         let controller = proxy.controller();
@@ -113,7 +116,7 @@ impl TestProxy {
         let task = tokio::spawn(proxy.run(async {
             let _ = rx.await;
         }));
-        TestProxy { addr, addrs, admin, controller, stop: Some(tx), task: Some(task) }
+        TestProxy { addr, addrs, tls, admin, controller, stop: Some(tx), task: Some(task) }
     }
 
     /// Begins the drain; returns the task that ends when the proxy has stopped.

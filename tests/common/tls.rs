@@ -15,6 +15,9 @@ pub struct TestPki {
     pub ca_der: CertificateDer<'static>,
     pub leaf_chain: Vec<CertificateDer<'static>>,
     pub leaf_key: PrivatePkcs8KeyDer<'static>,
+    /// The leaf and its key as PEM, for a listener configured by file.
+    pub leaf_pem: String,
+    pub leaf_key_pem: String,
 }
 
 impl TestPki {
@@ -30,11 +33,26 @@ impl TestPki {
         let leaf_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
         TestPki {
+            leaf_pem: leaf.pem(),
+            leaf_key_pem: leaf_key.serialize_pem(),
             ca_pem: ca_cert.pem(),
             ca_der: ca_cert.der().clone(),
             leaf_chain: vec![leaf.der().clone()],
             leaf_key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
         }
+    }
+
+    /// Writes the leaf's chain and key (mode 0600) into `dir` as `proxy.pem` and `proxy.key`,
+    /// replacing what is there; their paths.
+    pub fn write_pair(&self, dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let (cert, key) = (dir.join("proxy.pem"), dir.join("proxy.key"));
+        std::fs::write(&cert, &self.leaf_pem).unwrap();
+        let _ = std::fs::remove_file(&key);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key).unwrap();
+        f.write_all(self.leaf_key_pem.as_bytes()).unwrap();
+        (cert, key)
     }
 
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {

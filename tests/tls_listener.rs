@@ -1,0 +1,192 @@
+//! The HTTPS proxy listener (`server.tls_listen`): CONNECT inside TLS, the wrong protocol on
+//! either port said plainly, credentials only under TLS, and the pair reloaded.
+
+mod common;
+
+use std::path::Path;
+
+use common::tls::TestPki;
+use common::*;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn tls_front(pki: &TestPki) -> Front {
+    Front::Tls { config: pki.client_config(), name: ServerName::try_from("localhost").unwrap() }
+}
+
+fn config_text(dir: &Path, pki: &TestPki, origin_port: u16, extra: &str) -> String {
+    let (cert, key) = pki.write_pair(dir);
+    format!(
+        "[server]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}\n{extra}",
+        cert.display(),
+        key.display(),
+        loopback_policy(&[origin_port])
+    )
+}
+
+#[tokio::test]
+async fn connect_inside_tls_relays_exact_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let origin = Origin::echo().await;
+    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.port(), "")).await;
+    let (head, mut client) =
+        connect_over(&tls_front(&pki), proxy.tls[0], None, &format!("127.0.0.1:{}", origin.port())).await;
+    assert_eq!(head.status, 200);
+    let payload = pattern(256 * 1024, 7);
+    let mut back = vec![0u8; payload.len()];
+    bounded(async {
+        let (mut r, mut w) = tokio::io::split(&mut client);
+        let send = async {
+            w.write_all(&payload).await.unwrap();
+            w.flush().await.unwrap();
+        };
+        let recv = async { r.read_exact(&mut back).await.unwrap() };
+        tokio::join!(send, recv);
+    })
+    .await;
+    assert!(back == payload, "the echo came back byte for byte through TLS");
+    // The plaintext listener still serves, on its own port.
+    let (head, _s) = connect_via(proxy.addr, &format!("127.0.0.1:{}", origin.port())).await;
+    assert_eq!(head.status, 200);
+}
+
+#[tokio::test]
+async fn plaintext_on_the_tls_port_gets_a_readable_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let proxy = TestProxy::start(&config_text(dir.path(), &pki, 9, "")).await;
+    let reply = raw_exchange(proxy.tls[0], b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    assert!(reply.contains("https://"), "the answer says what to do: {reply}");
+    assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"plaintext_on_tls\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn tls_on_the_plaintext_port_is_refused_at_once_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let proxy = TestProxy::start(&config_text(dir.path(), &pki, 9, "")).await;
+    let started = std::time::Instant::now();
+    let opened = Client::open(proxy.addr, None, &tls_front(&pki)).await;
+    assert!(opened.is_err(), "a TLS client cannot handshake with the plaintext listener");
+    // At once, not at header_timeout (10 s): a ClientHello holds no line end to wait for.
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"tls_on_plaintext\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_failed_handshake_is_counted_and_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let origin = Origin::echo().await;
+    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.port(), "")).await;
+    // A client that trusts another CA gives up on the certificate.
+    let stranger = TestPki::new();
+    assert!(Client::open(proxy.tls[0], None, &tls_front(&stranger)).await.is_err());
+    eventually(
+        "the failed handshake is counted",
+        || proxy.metric("veilgate_refusals_total{reason=\"tls_handshake_failed\"}"),
+        |v| *v == 1.0,
+    )
+    .await;
+    let (head, _c) = connect_over(&tls_front(&pki), proxy.tls[0], None, &format!("127.0.0.1:{}", origin.port())).await;
+    assert_eq!(head.status, 200);
+}
+
+#[tokio::test]
+async fn require_tls_keeps_credentials_off_the_plaintext_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let origin = Origin::echo().await;
+    let users = htpasswd(dir.path(), &[("alice", "secret", FAST_COST)]);
+    let auth = format!("[auth]\ncredentials_file = \"{}\"\nrequire_tls = true\n", users.display());
+    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.port(), &auth)).await;
+    let target = format!("127.0.0.1:{}", origin.port());
+    for credentials in [None, Some("alice:secret")] {
+        let mut plain = Client::open(proxy.addr, None, &Front::Plain).await.unwrap();
+        let head = plain.connect_as(&target, credentials).await;
+        assert_eq!(head.status, 403, "plaintext, credentials {credentials:?}");
+        assert_eq!(head.header("proxy-authenticate"), None, "no challenge in the clear");
+    }
+    assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"tls_required\"}").await, 2.0);
+    let mut tls = Client::open(proxy.tls[0], None, &tls_front(&pki)).await.unwrap();
+    assert_eq!(tls.connect_as(&target, None).await.status, 407, "inside TLS the challenge is sent");
+    let mut tls = Client::open(proxy.tls[0], None, &tls_front(&pki)).await.unwrap();
+    assert_eq!(tls.connect_as(&target, Some("alice:secret")).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_reload_serves_the_new_pair_and_a_bad_one_keeps_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestPki::new();
+    let origin = Origin::echo().await;
+    let text = config_text(dir.path(), &first, origin.port(), "");
+    let proxy = TestProxy::start(&text).await;
+    let target = format!("127.0.0.1:{}", origin.port());
+    let (head, mut held) = connect_over(&tls_front(&first), proxy.tls[0], None, &target).await;
+    assert_eq!(head.status, 200);
+
+    let second = TestPki::new();
+    second.write_pair(dir.path());
+    proxy.controller.reload(test_config(&text)).expect("the new pair loads");
+    assert!(Client::open(proxy.tls[0], None, &tls_front(&first)).await.is_err(), "the old certificate is gone");
+    let (head, _c) = connect_over(&tls_front(&second), proxy.tls[0], None, &target).await;
+    assert_eq!(head.status, 200);
+    // The tunnel opened under the old pair runs on.
+    bounded(async {
+        held.write_all(b"still here").await.unwrap();
+        held.flush().await.unwrap();
+        let mut back = [0u8; 10];
+        held.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"still here");
+    })
+    .await;
+
+    // A key that is not a key: the reload fails, and the second pair stays in service.
+    let key = dir.path().join("proxy.key");
+    std::fs::write(&key, "not a key").unwrap();
+    let err = proxy.controller.reload(test_config(&text)).expect_err("a bad pair is refused");
+    assert!(err.to_string().contains("proxy.key"), "{err}");
+    let (head, _c) = connect_over(&tls_front(&second), proxy.tls[0], None, &target).await;
+    assert_eq!(head.status, 200);
+}
+
+#[tokio::test]
+async fn curl_speaks_to_the_https_proxy() {
+    let Ok(version) = std::process::Command::new("curl").arg("--version").output() else {
+        eprintln!("SKIPPED curl_speaks_to_the_https_proxy: curl is not installed");
+        return;
+    };
+    if !String::from_utf8_lossy(&version.stdout).contains("HTTPS-proxy") {
+        eprintln!("SKIPPED curl_speaks_to_the_https_proxy: this curl has no HTTPS-proxy feature");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let origin = Origin::spawn(|mut s| async move {
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nthrough TLS\n").await;
+    })
+    .await;
+    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.port(), "")).await;
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--proxytunnel", "--proxy-cacert"])
+        .arg(&ca)
+        .arg("--proxy")
+        .arg(format!("https://localhost:{}", proxy.tls[0].port()))
+        .arg(format!("http://127.0.0.1:{}/", origin.port()))
+        .output();
+    let out = bounded(out).await.unwrap();
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through TLS\n");
+}
