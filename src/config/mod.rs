@@ -11,6 +11,7 @@
 //! `config/veilgate.toml`. Missing keys in a user's file take the same defaults.
 
 mod auth;
+pub mod diff;
 mod dns;
 mod limits;
 mod log;
@@ -186,6 +187,7 @@ impl Config {
         if let Some(auth) = &self.auth {
             auth.validate(origin)?;
         }
+        self.log.validate(origin)?;
         Ok(())
     }
 

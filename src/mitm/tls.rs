@@ -19,7 +19,7 @@ pub fn alert(e: &std::io::Error) -> Option<String> {
     let (dir, desc) = match tls {
         rustls::Error::AlertReceived(d) => ("received", *d),
         rustls::Error::InvalidCertificate(c) => ("sent", rustls::AlertDescription::from(c.clone())),
-        rustls::Error::InvalidMessage(m) => ("sent", rustls::AlertDescription::from(m.clone())),
+        rustls::Error::InvalidMessage(m) => ("sent", rustls::AlertDescription::from(*m)),
         rustls::Error::NoApplicationProtocol => ("sent", rustls::AlertDescription::NoApplicationProtocol),
         rustls::Error::PeerIncompatible(_) => ("sent", rustls::AlertDescription::HandshakeFailure),
         _ => return None,
