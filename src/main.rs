@@ -86,7 +86,18 @@ fn probe(args: ProbeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(veilgate::probe::probe(&args.proxy, &args.origin, args.ca_file.as_ref())) {
+    let dns = match &args.config {
+        Some(path) => match veilgate::Config::load(path) {
+            Ok(config) => Some(config.dns),
+            Err(e) => {
+                eprintln!("veilgate probe: invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let opts = veilgate::probe::Options { proxy_user: args.proxy_user.clone(), dns };
+    match runtime.block_on(veilgate::probe::probe_with(&args.proxy, &args.origin, args.ca_file.as_ref(), &opts)) {
         Ok(report) => {
             print!("{}", report.render());
             ExitCode::from(report.verdict().exit_code())
