@@ -8,8 +8,12 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, ConfigError, LogFormat};
 
 /// veilgate: a CONNECT-only forward proxy that hides client addresses and enforces limits.
+///
+/// Each subcommand takes only the options it uses (`-c` on `run`, `check-config` and
+/// `probe`). The top-level options are `run`'s, for `veilgate` alone; they cannot be given
+/// before a subcommand, where they would be silently ignored.
 #[derive(Debug, Parser)]
-#[command(name = "veilgate", version, about)]
+#[command(name = "veilgate", version, about, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     /// What to do (default: run).
     #[command(subcommand)]
@@ -51,9 +55,17 @@ pub enum CaCommand {
 /// `veilgate probe`
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
-    /// The proxy, as http://HOST:PORT.
+    /// The proxy, as http://HOST:PORT or http://USER:PASSWORD@HOST:PORT (userinfo
+    /// percent-encoded: `@` is %40, `:` is %3A).
     #[arg(long)]
     pub proxy: String,
+    /// Credentials for the proxy, as USER:PASSWORD (instead of putting them in --proxy).
+    #[arg(long, value_name = "USER:PASSWORD")]
+    pub proxy_user: Option<String>,
+    /// A configuration whose [dns] (static hosts, servers) resolves the origin for the
+    /// direct path, as the proxy resolves it; without one, the system's resolver.
+    #[arg(short, long, env = "VEILGATE_CONFIG")]
+    pub config: Option<PathBuf>,
     /// The origin, as https://HOST[:PORT].
     pub origin: String,
     /// Roots to verify against (PEM); default: the system's.
@@ -65,7 +77,7 @@ pub struct ProbeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArg {
     /// Configuration file (TOML). Without one, the embedded defaults.
-    #[arg(short, long, env = "VEILGATE_CONFIG", global = true)]
+    #[arg(short, long, env = "VEILGATE_CONFIG")]
     pub config: Option<PathBuf>,
 }
 

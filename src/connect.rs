@@ -90,6 +90,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Parsed, Refusal> {
 pub enum HeadError {
     /// Answer the client with this refusal.
     Refuse(Refusal),
+    /// Not a CONNECT (405): what the request line said, for the log.
+    NotConnect(crate::detail::Detail),
     /// The client went away before a complete head; there is nobody to answer.
     Closed,
 }
@@ -162,6 +164,9 @@ pub async fn read_head_after<R: AsyncRead + Unpin>(
                     return Err(HeadError::Refuse(Refusal::HeaderTooLarge));
                 }
                 Ok(Parsed::Partial) => {}
+                Err(Refusal::MethodNotAllowed) => {
+                    return Err(HeadError::NotConnect(crate::detail::Detail::request_line(&buf)));
+                }
                 Err(refusal) => return Err(HeadError::Refuse(refusal)),
             }
         }

@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, AuthError};
+use crate::config::diff::Changes;
 use crate::config::{ClientAddressLog, Config};
 use crate::dial::{Dialer, Resolver};
 use crate::error::Refusal;
@@ -146,18 +147,15 @@ impl Context {
     }
 
     /// Applies a new configuration to new tunnels at once and to running tunnels' byte
-    /// budgets at their next chunk. Listener addresses cannot change without a restart.
-    pub fn reload(&self, config: Config) -> Result<(), LoadError> {
-        let old = self.shared.load();
-        if old.config.server.listen != config.server.listen
-            || old.config.server.admin_listen != config.server.admin_listen
-        {
-            tracing::warn!("server.listen and server.admin_listen changes take effect only after a restart");
-        }
+    /// budgets at their next chunk, and says which keys changed. Listener addresses cannot
+    /// change without a restart ([`Changes::need_restart`] names them); the caller logs the
+    /// reload's one line.
+    pub fn reload(&self, config: Config) -> Result<Changes, LoadError> {
+        let changes = Changes::between(&self.shared.load().config, &config);
         let next = Shared::build(config, &self.own)?;
         self.governor.update(&next.config);
         self.metrics.configured(&next.config);
         self.shared.store(Arc::new(next));
-        Ok(())
+        Ok(changes)
     }
 }

@@ -29,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod context;
+pub mod detail;
 pub mod dial;
 pub mod error;
 pub mod front;

@@ -7,9 +7,12 @@ use anyhow::Context as _;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 use veilgate::cli::{CaCommand, Cli, Command, ProbeArgs, RunArgs};
-use veilgate::config::{DEFAULT_CONFIG, LogFormat};
+use veilgate::config::diff::Changes;
+use veilgate::config::{DEFAULT_CONFIG, LogConfig, LogFormat};
 use veilgate::context::Shared;
 use veilgate::{Controller, Proxy, StartError};
 
@@ -83,7 +86,18 @@ fn probe(args: ProbeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(veilgate::probe::probe(&args.proxy, &args.origin, args.ca_file.as_ref())) {
+    let dns = match &args.config {
+        Some(path) => match veilgate::Config::load(path) {
+            Ok(config) => Some(config.dns),
+            Err(e) => {
+                eprintln!("veilgate probe: invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let opts = veilgate::probe::Options { proxy_user: args.proxy_user.clone(), dns };
+    match runtime.block_on(veilgate::probe::probe_with(&args.proxy, &args.origin, args.ca_file.as_ref(), &opts)) {
         Ok(report) => {
             print!("{}", report.render());
             ExitCode::from(report.verdict().exit_code())
@@ -103,7 +117,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(config.log.format);
+    let logging = Logging::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -111,7 +125,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, args)) {
+    match runtime.block_on(serve(config, args, logging)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -121,7 +135,7 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn serve(config: veilgate::Config, args: RunArgs) -> anyhow::Result<()> {
+async fn serve(config: veilgate::Config, args: RunArgs, logging: Logging) -> anyhow::Result<()> {
     let proxy = match Proxy::bind(config).await {
         Ok(p) => p,
         // Worded as check-config words it: the same files failed the same build.
@@ -133,7 +147,7 @@ async fn serve(config: veilgate::Config, args: RunArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    tokio::spawn(reload_on_hup(hup, controller, args));
+    tokio::spawn(reload_on_hup(hup, controller, args, logging));
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: draining"),
@@ -153,17 +167,24 @@ async fn serve(config: veilgate::Config, args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP: reload the same file with the same command-line overrides. An invalid file is
-/// logged and counted, and the running configuration stays.
-async fn reload_on_hup(mut hup: tokio::signal::unix::Signal, controller: Controller, args: RunArgs) {
+/// SIGHUP: reload the same file with the same command-line overrides, apply what the log
+/// layer owns (format, level), and say in one line which keys changed and which of them need
+/// a restart. An invalid file is logged and counted, and the running configuration stays.
+async fn reload_on_hup(mut hup: tokio::signal::unix::Signal, controller: Controller, args: RunArgs, logging: Logging) {
     while hup.recv().await.is_some() {
         match args.load() {
-            Ok(config) => match controller.reload(config) {
-                Ok(()) => info!("SIGHUP: configuration reloaded"),
-                Err(e) => {
-                    error!(error = %e, "SIGHUP: reload failed; keeping the running configuration")
+            Ok(config) => {
+                let log = config.log.clone();
+                match controller.reload(config) {
+                    Ok(changes) => {
+                        logging.apply(&log, &changes);
+                        log_reload(&changes);
+                    }
+                    Err(e) => {
+                        error!(error = %e, "SIGHUP: reload failed; keeping the running configuration")
+                    }
                 }
-            },
+            }
             Err(e) => {
                 controller.reload_failed();
                 error!(error = %e, "SIGHUP: invalid configuration; keeping the running one");
@@ -172,13 +193,71 @@ async fn reload_on_hup(mut hup: tokio::signal::unix::Signal, controller: Control
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("VEILGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+/// The reload's one line: the keys applied, and (as a warning) those that wait for a restart.
+fn log_reload(changes: &Changes) {
+    let applied = changes.applied().join(", ");
+    let applied = (!applied.is_empty()).then_some(applied.as_str());
+    let restart = changes.need_restart();
+    if changes.is_empty() {
+        info!("SIGHUP: configuration reloaded; nothing changed");
+    } else if restart.is_empty() {
+        info!(changed = applied, "SIGHUP: configuration reloaded");
+    } else {
+        warn!(
+            changed = applied,
+            needs_restart = restart.join(", "),
+            "SIGHUP: configuration reloaded; listener changes take effect only after a restart"
+        );
+    }
+}
+
+/// The line formatter, behind a reload layer so SIGHUP can swap text for JSON.
+type FmtLayer = Box<dyn Layer<Filtered> + Send + Sync>;
+/// The registry under the level filter, which is what the formatter sits on.
+type Filtered = tracing_subscriber::layer::Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+
+/// The log's two reloadable parts: which events pass (level) and how lines look (format).
+struct Logging {
+    filter: reload::Handle<EnvFilter, Registry>,
+    format: reload::Handle<FmtLayer, Filtered>,
+}
+
+impl Logging {
+    fn init(log: &LogConfig) -> Logging {
+        let (filter, filter_handle) = reload::Layer::new(level_filter(log.level.as_deref()));
+        let (format, format_handle) = reload::Layer::new(fmt_layer(log.format));
+        tracing_subscriber::registry().with(filter).with(format).init();
+        Logging { filter: filter_handle, format: format_handle }
+    }
+
+    /// Applies a reloaded `[log]`: the format and the level, when they changed.
+    fn apply(&self, log: &LogConfig, changes: &Changes) {
+        if changes.contains("log.format") {
+            if let Err(e) = self.format.reload(fmt_layer(log.format)) {
+                error!(error = %e, "SIGHUP: cannot change log.format");
+            }
+        }
+        if changes.contains("log.level") {
+            if let Err(e) = self.filter.reload(level_filter(log.level.as_deref())) {
+                error!(error = %e, "SIGHUP: cannot change log.level");
+            }
+        }
+    }
+}
+
+/// `log.level` when set (validated with the config), else `VEILGATE_LOG`, else `info`.
+fn level_filter(level: Option<&str>) -> EnvFilter {
+    level
+        .and_then(|l| EnvFilter::builder().parse(l).ok())
+        .or_else(|| EnvFilter::try_from_env("VEILGATE_LOG").ok())
+        .unwrap_or_else(|| EnvFilter::new("info"))
+}
+
+fn fmt_layer(format: LogFormat) -> FmtLayer {
     use std::io::IsTerminal;
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(std::io::stdout().is_terminal());
+    let layer = tracing_subscriber::fmt::layer().with_target(false).with_ansi(std::io::stdout().is_terminal());
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => layer.json().flatten_event(true).boxed(),
+        LogFormat::Text => layer.boxed(),
     }
 }

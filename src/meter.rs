@@ -74,6 +74,15 @@ impl Flow for Meter {
         }
     }
 
+    /// An observed (MITM) stream that fails between exchanges has ended, not failed: most
+    /// origins close the TCP connection after a response without TLS close_notify, and the
+    /// write of our own close_notify to such an origin may then meet a reset.
+    fn clean_end(&self, e: &std::io::Error) -> bool {
+        use std::io::ErrorKind as K;
+        matches!(e.kind(), K::UnexpectedEof | K::BrokenPipe | K::ConnectionReset | K::NotConnected)
+            && self.observe.as_ref().is_some_and(observe::Side::settled)
+    }
+
     fn written(&mut self, n: usize) {
         self.bytes.increment(n as u64);
         self.total += n as u64;

@@ -10,6 +10,10 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+mod process;
+
+pub use process::ProcessMetrics;
+
 use crate::config::Mode;
 use crate::error::{Refusal, Unanswered};
 use crate::limits::{Direction, Scope};
@@ -52,6 +56,8 @@ pub struct Metrics {
     pub mitm: MitmMetrics,
     /// Reloads and the configured limits operators compare usage against.
     pub config: ConfigMetrics,
+    /// The process: CPU, memory, descriptors, threads (`process_*`, read at each scrape).
+    pub process: ProcessMetrics,
 }
 
 struct Reg<'a> {
@@ -380,6 +386,7 @@ impl Metrics {
             admin: AdminMetrics::new(&r),
             mitm: MitmMetrics::new(&r),
             config: ConfigMetrics::new(&r),
+            process: ProcessMetrics::new(&r),
         };
         r.gauge(
             "veilgate_build_info",
@@ -392,6 +399,7 @@ impl Metrics {
 
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
+        self.process.refresh();
         self.handle.render()
     }
 

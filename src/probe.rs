@@ -4,6 +4,7 @@
 //! roots trust it says whether a browser would notice.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use base64::Engine as _;
+
+use crate::config::DnsConfig;
+use crate::dial::{Resolver, connect_one};
 use crate::mitm::ca::read_pem_certs;
 use crate::target::{Host, Target};
 
@@ -122,15 +127,92 @@ fn fail(msg: impl Into<String>) -> ProbeError {
 /// Deadline for the whole probe.
 const TOTAL: Duration = Duration::from_secs(60);
 
+/// What a real deployment adds to the bare probe.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `user:password` for the proxy (`--proxy-user`), sent as Basic `Proxy-Authorization`;
+    /// the proxy URL's own userinfo is the other way to give them.
+    pub proxy_user: Option<String>,
+    /// The configuration's `[dns]` (`-c`): the direct path then resolves the origin as the
+    /// proxy does (static `hosts` first), so both paths reach the same machine.
+    pub dns: Option<DnsConfig>,
+}
+
 /// Runs the probe. `proxy` is `http://HOST:PORT`; `origin` is `https://HOST[:PORT][/...]`.
 pub async fn probe(proxy: &str, origin: &str, ca_file: Option<&PathBuf>) -> Result<Report, ProbeError> {
-    tokio::time::timeout(TOTAL, run(proxy, origin, ca_file))
+    probe_with(proxy, origin, ca_file, &Options::default()).await
+}
+
+/// [`probe`] with credentials and the configuration's name resolution.
+pub async fn probe_with(
+    proxy: &str,
+    origin: &str,
+    ca_file: Option<&PathBuf>,
+    opts: &Options,
+) -> Result<Report, ProbeError> {
+    tokio::time::timeout(TOTAL, run(proxy, origin, ca_file, opts))
         .await
         .map_err(|_| fail("the probe took longer than 60 s"))?
 }
 
-async fn run(proxy: &str, origin: &str, ca_file: Option<&PathBuf>) -> Result<Report, ProbeError> {
-    let proxy_addr = proxy.strip_prefix("http://").unwrap_or(proxy).trim_end_matches('/').to_string();
+/// A proxy URL taken apart: where to connect, and the credentials it carries.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ProxyUrl {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// `user:password`, percent-decoded, from the URL's userinfo.
+    pub credentials: Option<String>,
+}
+
+impl ProxyUrl {
+    /// Parses `http://[user[:password]@]HOST:PORT[/]`. Userinfo is percent-decoded (a `@` or
+    /// `:` in a password is written `%40`, `%3A`).
+    pub fn parse(url: &str) -> Result<ProxyUrl, ProbeError> {
+        if url.starts_with("https://") {
+            return Err(fail("a TLS (https://) proxy URL is not supported yet: veilgate's listener speaks plain HTTP"));
+        }
+        let rest = url.strip_prefix("http://").unwrap_or(url).trim_end_matches('/');
+        let (userinfo, addr) = match rest.rsplit_once('@') {
+            Some((u, a)) => (Some(u), a),
+            None => (None, rest),
+        };
+        if addr.is_empty() || addr.contains('/') {
+            return Err(fail(format!("the proxy must be http://[user:password@]HOST:PORT, not {url:?}")));
+        }
+        let credentials = match userinfo {
+            None => None,
+            Some(u) => {
+                let (user, pass) = u.split_once(':').unwrap_or((u, ""));
+                Some(format!("{}:{}", percent_decode(user)?, percent_decode(pass)?))
+            }
+        };
+        Ok(ProxyUrl { addr: addr.to_string(), credentials })
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, ProbeError> {
+    let bad = || fail("the proxy URL's userinfo has a malformed %-escape");
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next().ok_or_else(bad)?, bytes.next().ok_or_else(bad)?];
+            let hex = std::str::from_utf8(&hex).map_err(|_| bad())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).map_err(|_| fail("the proxy URL's userinfo is not UTF-8"))
+}
+
+async fn run(proxy: &str, origin: &str, ca_file: Option<&PathBuf>, opts: &Options) -> Result<Report, ProbeError> {
+    let proxy = ProxyUrl::parse(proxy)?;
+    let credentials = match (&opts.proxy_user, &proxy.credentials) {
+        (Some(_), Some(_)) => return Err(fail("credentials given twice: in the proxy URL and with --proxy-user")),
+        (Some(c), None) | (None, Some(c)) => Some(c.as_str()),
+        (None, None) => None,
+    };
     let rest = origin.strip_prefix("https://").ok_or_else(|| fail("the origin must be an https:// URL"))?;
     let authority = rest.split('/').next().unwrap_or(rest);
     let has_port = if authority.starts_with('[') { authority.contains("]:") } else { authority.contains(':') };
@@ -143,19 +225,51 @@ async fn run(proxy: &str, origin: &str, ca_file: Option<&PathBuf>) -> Result<Rep
     };
     let host = target.host_str();
 
-    let direct_tcp = timed(TcpStream::connect((host.as_str(), target.port)), "connecting to the origin").await?;
+    let direct_tcp = connect_direct(&target, opts.dns.as_ref()).await?;
     let (seen_direct, mut tls) = handshake(direct_tcp, name.clone(), &roots).await?;
     let hsts = fetch_hsts(&mut tls, &host).await;
 
-    let mut tcp = timed(TcpStream::connect(proxy_addr.as_str()), "connecting to the proxy").await?;
-    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let mut tcp = timed(TcpStream::connect(proxy.addr.as_str()), "connecting to the proxy").await?;
+    let auth = credentials
+        .map(|c| format!("Proxy-Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(c)))
+        .unwrap_or_default();
+    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n");
     timed(tcp.write_all(req.as_bytes()), "sending CONNECT").await?;
     let head = read_head(&mut tcp).await?;
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(fail(format!("the proxy refused CONNECT: {}", head.lines().next().unwrap_or(""))));
+        let status = head.lines().next().unwrap_or("");
+        let hint = match (status.split(' ').nth(1), credentials) {
+            (Some("407"), None) => {
+                " (the proxy wants credentials: --proxy-user USER:PASS or http://USER:PASS@HOST:PORT)"
+            }
+            (Some("407"), Some(_)) => " (the proxy did not accept these credentials)",
+            _ => "",
+        };
+        return Err(fail(format!("the proxy refused CONNECT: {status}{hint}")));
     }
     let (seen_proxied, _) = handshake(tcp, name, &roots).await?;
     Ok(Report { direct: seen_direct, proxied: seen_proxied, hsts })
+}
+
+/// The direct path: with `[dns]`, resolved as the proxy resolves (special-use names, static
+/// hosts, the configured servers) and each address tried in turn; without, the system's
+/// resolver.
+async fn connect_direct(target: &Target, dns: Option<&DnsConfig>) -> Result<TcpStream, ProbeError> {
+    let (Some(dns), Host::Name(name)) = (dns, &target.host) else {
+        return timed(TcpStream::connect((target.host_str().as_str(), target.port)), "connecting to the origin").await;
+    };
+    let resolved = Resolver::new(dns)
+        .resolve(name)
+        .await
+        .map_err(|e| fail(format!("resolving {name} with the configuration's [dns]: {}", e.cause)))?;
+    let mut last = fail(format!("{name} has no address"));
+    for ip in resolved.addrs {
+        match timed(connect_one(SocketAddr::new(ip, target.port), None), "connecting to the origin").await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 async fn timed<T, E: std::fmt::Display>(f: impl Future<Output = Result<T, E>>, what: &str) -> Result<T, ProbeError> {
@@ -278,5 +392,21 @@ impl ServerCertVerifier for Recorder {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_urls_carry_percent_decoded_credentials() {
+        let u = ProxyUrl::parse("http://alice:p%40ss%3Aword@127.0.0.1:8080/").unwrap();
+        assert_eq!(u, ProxyUrl { addr: "127.0.0.1:8080".into(), credentials: Some("alice:p@ss:word".into()) });
+        assert_eq!(ProxyUrl::parse("127.0.0.1:8080").unwrap().credentials, None);
+        assert_eq!(ProxyUrl::parse("http://bob@[::1]:3128").unwrap().credentials.as_deref(), Some("bob:"));
+        assert!(ProxyUrl::parse("http://a:%4@h:1").is_err());
+        assert!(ProxyUrl::parse("https://h:1").is_err());
+        assert!(ProxyUrl::parse("http://h:1/path").is_err());
     }
 }

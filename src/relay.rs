@@ -37,6 +37,12 @@ pub trait Flow: Send {
     fn inspect(&mut self, _chunk: &[u8]) {}
     /// Called after a chunk is fully written.
     fn written(&mut self, n: usize);
+    /// Whether `e`, from reading this direction or from shutting its writer down, is the
+    /// stream's end rather than a failure (an abrupt close that lost nothing, which only an
+    /// observer of the protocol can tell); by default every error is a failure.
+    fn clean_end(&self, _e: &io::Error) -> bool {
+        false
+    }
 }
 
 /// How a relay ended.
@@ -136,7 +142,14 @@ pub(crate) async fn supervise(
         }
     };
     tokio::select! {
-        r = both => if r.is_ok() { End::Done } else { End::Error },
+        r = both => match r {
+            Ok(()) => End::Done,
+            Err(e) => {
+                // The tunnel's `closed` line follows with outcome="error"; this says which.
+                tracing::debug!(error = e.to_string(), kind = %e.kind(), "relay failed");
+                End::Error
+            }
+        },
         () = idle => End::Idle,
         () = stop.cancelled() => End::Stopped,
     }
@@ -158,14 +171,20 @@ where
     loop {
         let limit = flow.max_chunk().map_or(BUF_SIZE, |c| c.clamp(1, BUF_SIZE));
         let len = limit.min(buf.len());
-        let n = r.read(&mut buf[..len]).await?;
+        let n = match r.read(&mut buf[..len]).await {
+            Ok(n) => n,
+            Err(e) if flow.clean_end(&e) => 0,
+            Err(e) => return Err(e),
+        };
         if n == buf.len() && buf.len() < BUF_SIZE {
             buf.resize(BUF_SIZE, 0);
         }
         if n == 0 {
             // Half-close: pass the EOF on and let the other direction finish.
-            w.shutdown().await?;
-            return Ok(());
+            return match w.shutdown().await {
+                Err(e) if !flow.clean_end(&e) => Err(e),
+                _ => Ok(()),
+            };
         }
         flow.inspect(&buf[..n]);
         pass(flow, activity, n, || write_out(w, &buf[..n])).await?;

@@ -184,8 +184,9 @@ impl Proxy {
 }
 
 impl Controller {
-    /// Applies a new configuration (see [`Context::reload`]); counted either way.
-    pub fn reload(&self, config: Config) -> Result<(), LoadError> {
+    /// Applies a new configuration (see [`Context::reload`]) and says which keys changed;
+    /// counted either way.
+    pub fn reload(&self, config: Config) -> Result<crate::config::diff::Changes, LoadError> {
         let result = self.ctx.reload(config);
         self.ctx.metrics.config_reloaded(result.is_ok());
         result

@@ -83,7 +83,10 @@ impl<C: ClientConn> Tunnel<C> {
         }
         let upstream = match shared.dialer.dial(&req.target, Egress::default()).await {
             Ok(d) => d,
-            Err(e) => return self.refuse(e.refusal(), &req).await,
+            Err(e) => {
+                let detail = crate::detail::Detail::cause(e.cause);
+                return refuse_with(&self.ctx, &mut self.conn, &self.client, e.refusal(), Some(&req), &detail).await;
+            }
         };
         if let (Some(bytes), Some(tcp)) = (receive_window(&lease, Direction::Up), self.conn.tcp()) {
             dial::set_receive_buffer(tcp, bytes);
@@ -146,6 +149,18 @@ pub(crate) async fn refuse<C: ClientConn>(
     refusal: Refusal,
     req: Option<&ConnectRequest>,
 ) {
+    refuse_with(ctx, conn, client, refusal, req, &crate::detail::Detail::default()).await;
+}
+
+/// [`refuse`], with the facts that say why (see [`crate::detail`]) in its log line.
+pub(crate) async fn refuse_with<C: ClientConn>(
+    ctx: &Context,
+    conn: &mut C,
+    client: &ClientId,
+    refusal: Refusal,
+    req: Option<&ConnectRequest>,
+    detail: &crate::detail::Detail,
+) {
     let shared = ctx.shared();
     conn.refuse(&refusal, shared.auth.as_ref().map(|a| a.realm())).await;
     ctx.metrics.refused(&refusal);
@@ -157,6 +172,10 @@ pub(crate) async fn refuse<C: ClientConn>(
         target = req.map(|r| r.target.to_string()).as_deref(),
         status = refusal.status(),
         reason = refusal.reason(),
+        cause = detail.cause.as_deref(),
+        method = detail.method.as_deref(),
+        scheme = detail.scheme.as_deref(),
+        host = detail.host.as_deref(),
         "refused: {refusal}"
     );
 }
@@ -228,6 +247,7 @@ impl Report {
                     side = e.side(),
                     // Quoted in text logs: it can carry the client's SNI or the origin's names.
                     error = e.to_string(),
+                    alert = e.alert(),
                     "interception refused"
                 );
                 self.ended(Outcome::TlsFailed, started, 0, 0);

@@ -144,3 +144,68 @@ async fn a_repeated_wrong_header_costs_one_hash() {
     assert_eq!(connect_as(&proxy, "127.0.0.2", &t, Some("alice:wonderland")).await.status, 200);
     assert_eq!(hashes(&proxy).await, 3.0);
 }
+
+/// `veilgate probe` through a proxy that requires credentials: given in the URL (percent-
+/// decoded) or with `--proxy-user`, and, with `-c`, the origin resolved by the config's
+/// `[dns] hosts` as the proxy resolves it.
+#[tokio::test]
+async fn the_probe_authenticates_and_resolves_with_the_config() {
+    use common::tls::{RecordingOrigin, TestPki};
+    use veilgate::probe::{Options, Verdict, probe_with};
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let origin = RecordingOrigin::start(&pki).await;
+    let port = origin.addr.port();
+    let roots = dir.path().join("roots.pem");
+    std::fs::write(&roots, &pki.ca_pem).unwrap();
+    let hosts = "[dns.hosts]\n\"origin.test\" = \"127.0.0.1\"\n";
+    let toml = format!(
+        "[auth]\ncredentials_file = \"{}\"\n{}{hosts}",
+        htpasswd(&dir, &[("alice", "p@ss:word", FAST_COST)]).display(),
+        loopback_policy(&[port])
+    );
+    let proxy = TestProxy::start(&toml).await;
+    let target = format!("https://127.0.0.1:{port}");
+
+    let with_url = format!("http://alice:p%40ss%3Aword@{}", proxy.addr);
+    let report = bounded(probe_with(&with_url, &target, Some(&roots), &Options::default())).await.unwrap();
+    assert_eq!(report.verdict(), Verdict::BlindTunnel, "{}", report.render());
+
+    let bare = format!("http://{}", proxy.addr);
+    let err = bounded(probe_with(&bare, &target, Some(&roots), &Options::default())).await.unwrap_err();
+    assert!(err.to_string().contains("407 ") && err.to_string().contains("--proxy-user"), "{err}");
+    let wrong = Options { proxy_user: Some("alice:nope".into()), dns: None };
+    let err = bounded(probe_with(&bare, &target, Some(&roots), &wrong)).await.unwrap_err();
+    assert!(err.to_string().contains("did not accept these credentials"), "{err}");
+    assert_eq!(refusals(&proxy, "auth_required").await, 2.0);
+
+    // The binary: --proxy-user, and a name only the config's [dns] hosts knows (no query is
+    // ever sent: without -c this name would go to the system resolver, so that is not run).
+    let config = dir.path().join("probe.toml");
+    std::fs::write(&config, hosts).unwrap();
+    let args: Vec<String> = [
+        "probe",
+        "--proxy",
+        &bare,
+        "--proxy-user",
+        "alice:p@ss:word",
+        "-c",
+        config.to_str().unwrap(),
+        "--ca-file",
+        roots.to_str().unwrap(),
+        &format!("https://origin.test:{port}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = bounded(tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_veilgate")).args(&args).env_remove("VEILGATE_CONFIG").output()
+    }))
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("verdict: blind tunnel"), "{stdout}");
+}

@@ -113,3 +113,21 @@ async fn head_on_the_admin_endpoints_sends_the_get_length_and_no_body() {
     // GET still has its body.
     assert_eq!(admin_raw(&proxy, "GET /healthz HTTP/1.1\r\n\r\n").await, ok(3) + "ok\n");
 }
+
+#[tokio::test]
+async fn process_series_are_on_the_admin_scrape_with_plausible_values() {
+    let proxy = TestProxy::start("").await;
+    let (status, body) = proxy.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    let get = |name: &str| metric_value(&body, name).unwrap_or_else(|| panic!("{name} not in scrape:\n{body}"));
+    let (open, max) = (get("process_open_fds"), get("process_max_fds"));
+    assert!(open > 0.0 && open <= max, "open fds {open}, max {max}");
+    assert!(get("process_resident_memory_bytes") > 1e6, "a tokio process holds more than a megabyte");
+    assert!(get("process_virtual_memory_bytes") >= get("process_resident_memory_bytes"));
+    assert!(get("process_threads") >= 1.0);
+    assert!(get("process_cpu_seconds_total") >= 0.0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let start = get("process_start_time_seconds");
+    assert!(start <= now + 1.0 && start > now - 3600.0, "started {start}, now {now}");
+    assert!(body.contains("# TYPE process_cpu_seconds_total counter"), "{body}");
+}

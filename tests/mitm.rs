@@ -294,3 +294,64 @@ async fn a_large_response_to_a_slow_reader_is_not_held_back() {
     assert!(got.ends_with(b"zzzz"));
     origin.abort();
 }
+
+/// An HTTPS origin that answers one request with `reply` and then closes its TCP connection
+/// without close_notify, as most servers do after a response.
+async fn abrupt_origin(pki: &TestPki, reply: &'static [u8]) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
+    let task = tokio::spawn(async move {
+        let Ok((s, _)) = listener.accept().await else { return };
+        let Ok(mut tls) = acceptor.accept(s).await else { return };
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        tls.write_all(reply).await.unwrap();
+        tls.flush().await.unwrap();
+        // The TCP connection alone is closed: no close_notify.
+        let (mut tcp, _) = tls.into_inner();
+        let _ = tcp.shutdown().await;
+    });
+    (addr, task)
+}
+
+/// One request through a MITM route to an origin that sends `reply` and closes abruptly; the
+/// tunnel's outcome as counted.
+async fn outcome_after_abrupt_close(reply: &'static [u8]) -> (f64, f64) {
+    let s = setup();
+    let (addr, origin) = abrupt_origin(&s.origin_pki, reply).await;
+    let port = addr.port();
+    let proxy = TestProxy::start(&mitm_config(&s, port, &s.origin_ca, "\"localhost\"")).await;
+    let mut tls =
+        tls_via(proxy.addr, &format!("localhost:{port}"), localhost(), roots_from(&[&s.ca_cert])).await.unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    // Until the proxy closes (cleanly or not); what arrived is checked by the caller's metric.
+    let _ = bounded(tls.read_to_end(&mut got)).await;
+    assert!(got.starts_with(b"HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&got));
+    drop(tls);
+    eventually("the tunnel to end", async || proxy.controller.active_tunnels(), |n| *n == 0).await;
+    origin.abort();
+    (
+        proxy.metric("veilgate_tunnels_total{mode=\"mitm\",outcome=\"closed\"}").await,
+        proxy.metric("veilgate_tunnels_total{mode=\"mitm\",outcome=\"error\"}").await,
+    )
+}
+
+#[tokio::test]
+async fn an_origin_closing_without_close_notify_after_a_complete_response_is_closed() {
+    let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    assert_eq!(outcome_after_abrupt_close(reply).await, (1.0, 0.0), "(closed, error)");
+}
+
+#[tokio::test]
+async fn an_origin_closing_without_close_notify_inside_a_body_is_an_error() {
+    let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello";
+    assert_eq!(outcome_after_abrupt_close(reply).await, (0.0, 1.0), "(closed, error)");
+}

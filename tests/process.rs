@@ -241,3 +241,86 @@ fn relative_paths_follow_the_config_file_and_a_bad_file_on_reload_keeps_the_runn
     assert_eq!(connect_status(proxy_addr, "alice:changed"), 403);
     assert_eq!(connect_status(proxy_addr, "alice:wonderland"), 407);
 }
+
+#[test]
+fn sighup_applies_log_format_and_level_and_says_what_changed_in_one_line() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("veilgate.toml");
+    let (proxy, admin) = (free_port(), free_port());
+    let proxy_addr: SocketAddr = format!("127.0.0.1:{proxy}").parse().unwrap();
+    let admin_addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let server =
+        |listen: u16| format!("[server]\nlisten = [\"127.0.0.1:{listen}\"]\nadmin_listen = \"{admin_addr}\"\n");
+    std::fs::write(&file, format!("{}[log]\nformat = \"text\"\n", server(proxy))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_veilgate"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .env_remove("VEILGATE_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut vg = Veilgate(child);
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let (out, log) = (vg.0.stdout.take().unwrap(), Arc::clone(&log));
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                log.lock().unwrap().push(line);
+            }
+        })
+    };
+    eventually_blocking(
+        "health",
+        || get(admin_addr, "/healthz"),
+        |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+    );
+    let find = |what: &str| {
+        let log = Arc::clone(&log);
+        let what = what.to_string();
+        eventually_blocking(
+            &what.clone(),
+            move || log.lock().unwrap().iter().position(|l| l.contains(&what)),
+            Option::is_some,
+        )
+        .unwrap()
+    };
+
+    // Format, level and a limit change together; all are applied, and one line says so.
+    std::fs::write(
+        &file,
+        format!("{}[limits]\nmax_tunnels = 20\n[log]\nformat = \"json\"\nlevel = \"debug\"\n", server(proxy)),
+    )
+    .unwrap();
+    signal(&vg.0, libc::SIGHUP);
+    let at = find("SIGHUP: configuration reloaded");
+    let line = log.lock().unwrap()[at].clone();
+    assert!(line.starts_with('{'), "the reload line is already JSON: {line}");
+    assert!(line.contains(r#""changed":"limits.max_tunnels, log.format, log.level""#), "{line}");
+    assert_eq!(log.lock().unwrap().iter().filter(|l| l.contains("SIGHUP")).count(), 1, "one line per reload");
+    // A debug event (a client that leaves before its head) is now logged, as JSON.
+    drop(TcpStream::connect_timeout(&proxy_addr, Duration::from_secs(1)).unwrap());
+    let debug = find("client closed before a complete head");
+    let line = log.lock().unwrap()[debug].clone();
+    assert!(line.starts_with('{') && line.contains(r#""level":"DEBUG""#), "{line}");
+
+    // A listener change is not applied, and the line says it needs a restart.
+    let moved = free_port();
+    std::fs::write(
+        &file,
+        format!("{}[limits]\nmax_tunnels = 20\n[log]\nformat = \"json\"\nlevel = \"debug\"\n", server(moved)),
+    )
+    .unwrap();
+    signal(&vg.0, libc::SIGHUP);
+    let at = find("needs_restart");
+    let line = log.lock().unwrap()[at].clone();
+    assert!(line.contains(r#""needs_restart":"server.listen""#) && line.contains(r#""level":"WARN""#), "{line}");
+    assert!(get(admin_addr, "/readyz").unwrap().starts_with("HTTP/1.1 200"), "still serving");
+
+    let _ = vg.0.kill();
+    let _ = vg.0.wait();
+    let _ = reader.join();
+}

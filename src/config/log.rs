@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::ConfigError;
+
 /// `[log]`
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -10,6 +12,26 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// How much of the client's address logs may carry.
     pub client_address: ClientAddressLog,
+    /// Which events are logged, as an env-filter (`info`, `warn,veilgate=debug`). When set it
+    /// replaces `VEILGATE_LOG`, so a SIGHUP can change the level of a running proxy; unset,
+    /// `VEILGATE_LOG` (or `info`) applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+}
+
+impl LogConfig {
+    pub(super) fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        if let Some(level) = &self.level {
+            tracing_subscriber::EnvFilter::builder().parse(level).map_err(|e| {
+                ConfigError::invalid(
+                    origin,
+                    "log.level",
+                    format!("{level:?} is not an env-filter (such as \"info\" or \"warn,veilgate=debug\"): {e}"),
+                )
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Log line format.

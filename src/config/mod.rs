@@ -11,6 +11,7 @@
 //! `config/veilgate.toml`. Missing keys in a user's file take the same defaults.
 
 mod auth;
+pub mod diff;
 mod dns;
 mod limits;
 mod log;
@@ -200,6 +201,7 @@ impl Config {
                 ));
             }
         }
+        self.log.validate(origin)?;
         Ok(())
     }
 

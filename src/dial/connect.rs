@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
-use super::{DialError, DialErrorKind, Hop};
+use super::{Cause, DialError, DialErrorKind, Hop};
 
 /// RFC 8305's recommended "Connection Attempt Delay".
 pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
@@ -48,7 +48,7 @@ pub async fn connect_happy(
         return match tokio::time::timeout(deadline, connect_one(addr, bind)).await {
             Ok(Ok(s)) => Ok((s, addr)),
             Ok(Err(e)) => Err(connect_error(Some(&e))),
-            Err(_) => Err(DialError { hop: Hop::Origin, kind: DialErrorKind::Timeout }),
+            Err(_) => Err(DialError { hop: Hop::Origin, kind: DialErrorKind::Timeout, cause: Cause::Deadline }),
         };
     }
     let race = async {
@@ -87,7 +87,7 @@ pub async fn connect_happy(
     match tokio::time::timeout(deadline, race).await {
         Ok(Ok(won)) => Ok(won),
         Ok(Err(e)) => Err(connect_error(e.as_ref())),
-        Err(_) => Err(DialError { hop: Hop::Origin, kind: DialErrorKind::Timeout }),
+        Err(_) => Err(DialError { hop: Hop::Origin, kind: DialErrorKind::Timeout, cause: Cause::Deadline }),
     }
 }
 
@@ -99,7 +99,8 @@ fn connect_error(e: Option<&io::Error>) -> DialError {
     } else {
         DialErrorKind::Failed
     };
-    DialError { hop: Hop::Origin, kind }
+    let cause = e.map_or(Cause::Io(io::ErrorKind::Other), |e| Cause::Io(e.kind()));
+    DialError { hop: Hop::Origin, kind, cause }
 }
 
 #[cfg(test)]

@@ -66,17 +66,70 @@ pub enum DialErrorKind {
 
 /// A failed dial: the hop and what happened there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{hop:?}: {kind:?}")]
+#[error("{hop:?}: {kind:?} ({cause})")]
 pub struct DialError {
     /// Where.
     pub hop: Hop,
     /// What.
     pub kind: DialErrorKind,
+    /// Why, as the system or the resolver said it: the refusal's log line carries it, so an
+    /// operator can tell a closed port from a missing route or a name that does not exist.
+    pub cause: Cause,
+}
+
+/// The underlying reason for a failed dial, in the words an operator would search for.
+/// Copy and allocation-free: it rides in every [`DialError`], which is on the refusal path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The connect failed with this error from the kernel.
+    Io(std::io::ErrorKind),
+    /// Our own deadline (`connect_timeout` or `dns.timeout`) passed first.
+    Deadline,
+    /// The name does not exist (NXDOMAIN, or a special-use name that never exists).
+    NxDomain,
+    /// The name exists but has no address records.
+    NoRecords,
+    /// The resolver answered with this error code (SERVFAIL, REFUSED, ...).
+    DnsCode(hickory_resolver::proto::op::ResponseCode),
+    /// The resolver could not be reached or gave no answer in its own time.
+    DnsTimeout,
+    /// Any other resolver failure (I/O, protocol).
+    DnsOther,
+    /// No resolver could be built (unreadable resolv.conf).
+    NoResolver,
+    /// Policy refused every address the name has.
+    Policy,
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::io::ErrorKind as K;
+        let s = match self {
+            Cause::Io(K::ConnectionRefused) => "connection refused",
+            Cause::Io(K::ConnectionReset) => "connection reset",
+            Cause::Io(K::HostUnreachable) => "host unreachable",
+            Cause::Io(K::NetworkUnreachable) => "network unreachable",
+            Cause::Io(K::TimedOut) => "connect timed out (kernel)",
+            Cause::Io(K::AddrNotAvailable) => "source address not available",
+            Cause::Io(K::PermissionDenied) => "connect not permitted",
+            Cause::Io(kind) => return write!(f, "{kind}"),
+            Cause::Deadline => "deadline passed",
+            Cause::NxDomain => "NXDOMAIN",
+            Cause::NoRecords => "no address records",
+            // The mnemonic operators know (SERVFAIL, REFUSED), not hickory's prose.
+            Cause::DnsCode(code) => return write!(f, "{}", format!("{code:?}").to_ascii_uppercase()),
+            Cause::DnsTimeout => "DNS timeout",
+            Cause::DnsOther => "DNS error",
+            Cause::NoResolver => "no DNS resolver",
+            Cause::Policy => "every address denied by policy",
+        };
+        f.write_str(s)
+    }
 }
 
 impl DialError {
     fn no_name() -> DialError {
-        DialError { hop: Hop::Resolve, kind: DialErrorKind::NoAddress }
+        DialError { hop: Hop::Resolve, kind: DialErrorKind::NoAddress, cause: Cause::NxDomain }
     }
 
     /// The answer on the wire (DESIGN §5): an address policy refuses is 403, a name with no
@@ -138,8 +191,12 @@ impl Dialer {
             })
             .collect();
         if allowed.is_empty() {
-            let kind = if refused { DialErrorKind::Denied } else { DialErrorKind::NoAddress };
-            return Err(DialError { hop: Hop::Policy, kind });
+            let (kind, cause) = if refused {
+                (DialErrorKind::Denied, Cause::Policy)
+            } else {
+                (DialErrorKind::NoAddress, Cause::NoRecords)
+            };
+            return Err(DialError { hop: Hop::Policy, kind, cause });
         }
         let Egress::Direct { bind } = egress;
         let started = Instant::now();
@@ -177,12 +234,23 @@ mod tests {
 
     #[test]
     fn each_failure_has_one_answer() {
-        let e = |hop, kind| DialError { hop, kind }.refusal();
+        let e = |hop, kind| DialError { hop, kind, cause: Cause::Deadline }.refusal();
         assert_eq!(e(Hop::Resolve, DialErrorKind::NoAddress), Refusal::DnsFailed);
         assert_eq!(e(Hop::Resolve, DialErrorKind::Timeout), Refusal::DnsFailed, "a DNS timeout is a 502");
         assert_eq!(e(Hop::Policy, DialErrorKind::Denied), Refusal::AddressDenied);
         assert_eq!(e(Hop::Policy, DialErrorKind::NoAddress), Refusal::DnsFailed);
         assert_eq!(e(Hop::Origin, DialErrorKind::Failed), Refusal::UpstreamFailed);
         assert_eq!(e(Hop::Origin, DialErrorKind::Timeout), Refusal::UpstreamTimeout);
+    }
+
+    #[test]
+    fn causes_read_as_the_operator_searches_for_them() {
+        use hickory_resolver::proto::op::ResponseCode;
+        use std::io::ErrorKind;
+        assert_eq!(Cause::Io(ErrorKind::ConnectionRefused).to_string(), "connection refused");
+        assert_eq!(Cause::Io(ErrorKind::NetworkUnreachable).to_string(), "network unreachable");
+        assert_eq!(Cause::DnsCode(ResponseCode::ServFail).to_string(), "SERVFAIL");
+        assert_eq!(Cause::NxDomain.to_string(), "NXDOMAIN");
+        assert_eq!(Cause::DnsTimeout.to_string(), "DNS timeout");
     }
 }

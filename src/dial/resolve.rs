@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
 use tokio::sync::OnceCell;
 
-use super::{DialError, Hop};
+use super::{Cause, DialError, DialErrorKind, Hop};
 use crate::config::DnsConfig;
 
 /// Name resolution as configured in `[dns]`.
@@ -59,20 +61,20 @@ impl Resolver {
         }
         let resolver = self.hickory.get_or_init(|| async { self.build_hickory() }).await.as_ref().map_err(|e| {
             tracing::error!(error = %e, "no DNS resolver available");
-            DialError::no_name()
+            DialError { cause: Cause::NoResolver, ..DialError::no_name() }
         })?;
         let started = Instant::now();
         let lookup = tokio::time::timeout(self.timeout, resolver.lookup_ip(format!("{name}.")))
             .await
-            .map_err(|_| DialError { hop: Hop::Resolve, kind: super::DialErrorKind::Timeout })?
+            .map_err(|_| DialError { hop: Hop::Resolve, kind: DialErrorKind::Timeout, cause: Cause::DnsTimeout })?
             .map_err(|e| {
                 // A string field, so text logs quote it: a resolver's answer can carry names.
                 tracing::debug!(error = e.to_string(), "lookup failed");
-                DialError::no_name()
+                DialError { cause: dns_cause(&e), ..DialError::no_name() }
             })?;
         let addrs: Vec<IpAddr> = lookup.iter().collect();
         if addrs.is_empty() {
-            return Err(DialError::no_name());
+            return Err(DialError { cause: Cause::NoRecords, ..DialError::no_name() });
         }
         Ok(Resolved { addrs, lookup_time: Some(started.elapsed()) })
     }
@@ -101,6 +103,19 @@ impl Resolver {
         opts.timeout = self.timeout;
         opts.cache_size = self.cache_size;
         builder.build().map_err(|e| format!("cannot build the DNS resolver: {e}"))
+    }
+}
+
+/// The class of a resolver's failure: NXDOMAIN, an empty answer, an error code (SERVFAIL,
+/// REFUSED), or no answer in time.
+fn dns_cause(e: &NetError) -> Cause {
+    match e {
+        NetError::Dns(DnsError::NoRecordsFound(nr)) if nr.response_code == ResponseCode::NXDomain => Cause::NxDomain,
+        NetError::Dns(DnsError::NoRecordsFound(_)) => Cause::NoRecords,
+        NetError::Dns(DnsError::ResponseCode(code)) => Cause::DnsCode(*code),
+        NetError::Timeout => Cause::DnsTimeout,
+        NetError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => Cause::DnsTimeout,
+        _ => Cause::DnsOther,
     }
 }
 

@@ -140,6 +140,11 @@ async fn head_phase<S: ClientIo>(
             tunnel::refuse(&ctx, &mut conn, &client, r, None).await;
             None
         }
+        Err(HeadError::NotConnect(detail)) => {
+            drop(shared);
+            tunnel::refuse_with(&ctx, &mut conn, &client, Refusal::MethodNotAllowed, None, &detail).await;
+            None
+        }
     }
 }
 

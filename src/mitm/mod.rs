@@ -43,18 +43,34 @@ pub struct Interceptor {
 pub enum MitmError {
     /// The client's handshake failed or was refused (SNI mismatch, no TLS, timeout).
     #[error("client TLS: {0}")]
-    Client(String),
+    Client(String, Option<String>),
     /// The upstream handshake failed: unreachable, untrusted, expired or wrong-name certificate.
     #[error("upstream TLS: {0}")]
-    Upstream(String),
+    Upstream(String, Option<String>),
 }
 
 impl MitmError {
+    fn client(why: impl Into<String>) -> MitmError {
+        MitmError::Client(why.into(), None)
+    }
+
+    fn upstream(why: impl Into<String>) -> MitmError {
+        MitmError::Upstream(why.into(), None)
+    }
+
     /// Metric label `side`.
     pub fn side(&self) -> &'static str {
         match self {
-            MitmError::Client(_) => "client",
-            MitmError::Upstream(_) => "upstream",
+            MitmError::Client(..) => "client",
+            MitmError::Upstream(..) => "upstream",
+        }
+    }
+
+    /// The TLS alert that ended the handshake, when one did ("received bad_certificate",
+    /// "sent unknown_ca"): what the operator compares with the peer's own log.
+    pub fn alert(&self) -> Option<&str> {
+        match self {
+            MitmError::Client(_, a) | MitmError::Upstream(_, a) => a.as_deref(),
         }
     }
 }
@@ -99,15 +115,15 @@ impl Interceptor {
         let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), PrefixedIo::new(leftover, client));
         let start = tokio::time::timeout(deadline, acceptor)
             .await
-            .map_err(|_| MitmError::Client("no ClientHello in time".into()))?
-            .map_err(|e| MitmError::Client(format!("not a TLS ClientHello: {e}")))?;
+            .map_err(|_| MitmError::client("no ClientHello in time"))?
+            .map_err(|e| MitmError::Client(format!("not a TLS ClientHello: {e}"), tls::alert(&e)))?;
         let t_hello = t0.elapsed();
         let hello = start.client_hello();
         if let Some(sni) = hello.server_name() {
             if !sni.trim_end_matches('.').eq_ignore_ascii_case(&host) {
                 let why = format!("SNI {sni:?} does not match the CONNECT host {host:?}");
                 let _ = start.into_stream(tls::refusing_config()).await;
-                return Err(MitmError::Client(why));
+                return Err(MitmError::client(why));
             }
         }
         let offer: Vec<Vec<u8>> = hello.alpn().map(|it| it.map(<[u8]>::to_vec).collect()).unwrap_or_default();
@@ -115,7 +131,7 @@ impl Interceptor {
             Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
             Host::Name(n) => match ServerName::try_from(n.clone()) {
                 Ok(sn) => sn,
-                Err(e) => return Err(MitmError::Upstream(format!("{n}: {e}"))),
+                Err(e) => return Err(MitmError::upstream(format!("{n}: {e}"))),
             },
         };
         let connector = TlsConnector::from(self.upstream.config(offer));
@@ -123,20 +139,20 @@ impl Interceptor {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let _ = start.into_stream(tls::refusing_config()).await;
-                return Err(MitmError::Upstream(e.to_string()));
+                return Err(MitmError::Upstream(e.to_string(), tls::alert(&e)));
             }
             Err(_) => {
                 let _ = start.into_stream(tls::refusing_config()).await;
-                return Err(MitmError::Upstream("handshake timed out".into()));
+                return Err(MitmError::upstream("handshake timed out"));
             }
         };
         let t_upstream = t0.elapsed();
         let alpn = upstream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-        let leaf = self.ca.leaf_for(&host).map_err(|e| MitmError::Client(format!("minting a leaf: {e}")))?;
+        let leaf = self.ca.leaf_for(&host).map_err(|e| MitmError::client(format!("minting a leaf: {e}")))?;
         let client = tokio::time::timeout(deadline, start.into_stream(tls::server_config(leaf.key, alpn.clone())))
             .await
-            .map_err(|_| MitmError::Client("handshake timed out".into()))?
-            .map_err(|e| MitmError::Client(e.to_string()))?;
+            .map_err(|_| MitmError::client("handshake timed out"))?
+            .map_err(|e| MitmError::Client(e.to_string(), tls::alert(&e)))?;
         tracing::debug!(
             hello_us = t_hello.as_micros() as u64,
             upstream_us = (t_upstream - t_hello).as_micros() as u64,

@@ -34,6 +34,8 @@ struct Exchanges {
     next_id: u64,
     observed: u64,
     off: bool,
+    /// The client has begun a request head that is not complete yet.
+    request_partial: bool,
 }
 
 /// The two directions' parsers share the queue of requests waiting for their response.
@@ -145,6 +147,11 @@ impl Side {
                 Phase::Head(buf) => {
                     // Take up to the end of the head, or all of the input.
                     let take = head_end(buf, input).unwrap_or(input.len());
+                    if self.requests && buf.is_empty() && take > 0 {
+                        if let Ok(mut ex) = self.observer.shared.lock() {
+                            ex.request_partial = true;
+                        }
+                    }
                     buf.extend_from_slice(&input[..take]);
                     input = &input[take..];
                     if buf.len() > MAX_HEAD {
@@ -166,6 +173,20 @@ impl Side {
                 }
             }
         }
+    }
+
+    /// Whether the tunnel is between exchanges as far as this side and the shared queue
+    /// know: this side's stream is at a message boundary, every request has had its whole
+    /// response, no request head is half-sent, and observation is still following. A close
+    /// here loses nothing, with or without TLS close_notify (RFC 9112 §9.8: a response
+    /// complete by its length or its last chunk is complete); a close-delimited body or a
+    /// stream observation gave up on is never settled, since there truncation cannot be told
+    /// from the end.
+    pub fn settled(&self) -> bool {
+        if !matches!(&self.phase, Phase::Head(b) if b.is_empty()) {
+            return false;
+        }
+        self.observer.shared.lock().is_ok_and(|ex| !ex.off && ex.pending.is_empty() && !ex.request_partial)
     }
 
     fn turn_off(&mut self) {
@@ -193,6 +214,7 @@ impl Side {
                 other => other,
             };
             let Ok(mut ex) = self.observer.shared.lock() else { return };
+            ex.request_partial = false;
             if ex.off || ex.pending.len() >= MAX_PENDING {
                 drop(ex);
                 return self.turn_off();
@@ -401,6 +423,24 @@ mod tests {
         u.feed(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n");
         d.feed(b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(o.observed(), 1, "recorded with its status, not at the tunnel's end without one");
+    }
+
+    #[test]
+    fn settled_only_between_whole_exchanges() {
+        let o = Observer::new("t:443", false);
+        let (mut u, mut d) = (o.side(true), o.side(false));
+        assert!(u.settled() && d.settled(), "nothing sent yet");
+        u.feed(b"GET / HTTP/1.1\r\nHo");
+        assert!(!d.settled(), "a request head half-sent");
+        u.feed(b"st: h\r\n\r\n");
+        assert!(!d.settled(), "a request awaiting its response");
+        d.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel");
+        assert!(!d.settled(), "inside a body");
+        d.feed(b"lo");
+        assert!(u.settled() && d.settled());
+        u.feed(b"GET / HTTP/1.1\r\n\r\n");
+        d.feed(b"HTTP/1.1 200 OK\r\n\r\nto the close");
+        assert!(!d.settled(), "a close-delimited body cannot be told from a truncated one");
     }
 
     /// Collects what a subscriber writes.

@@ -12,6 +12,36 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use super::ca::{CaError, read_pem_certs};
 
+/// The alert behind a failed handshake's error: the one the peer sent, or the one rustls
+/// sends for a certificate or message it rejects. `None` for errors without one (I/O, EOF).
+pub fn alert(e: &std::io::Error) -> Option<String> {
+    let tls = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    let (dir, desc) = match tls {
+        rustls::Error::AlertReceived(d) => ("received", *d),
+        rustls::Error::InvalidCertificate(c) => ("sent", rustls::AlertDescription::from(c.clone())),
+        rustls::Error::InvalidMessage(m) => ("sent", rustls::AlertDescription::from(*m)),
+        rustls::Error::NoApplicationProtocol => ("sent", rustls::AlertDescription::NoApplicationProtocol),
+        rustls::Error::PeerIncompatible(_) => ("sent", rustls::AlertDescription::HandshakeFailure),
+        _ => return None,
+    };
+    Some(format!("{dir} {}", alert_name(desc)))
+}
+
+/// RFC 8446 §6's name for an alert (`bad_certificate`), from rustls's `BadCertificate`.
+fn alert_name(desc: rustls::AlertDescription) -> String {
+    let camel = format!("{desc:?}");
+    let mut out = String::with_capacity(camel.len() + 4);
+    let mut prev_lower = false;
+    for c in camel.chars() {
+        if c.is_ascii_uppercase() && prev_lower {
+            out.push('_');
+        }
+        prev_lower = c.is_ascii_lowercase();
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
 /// Upstream trust: where the roots come from, and client configs per ALPN offer.
 pub struct UpstreamTls {
     roots: Arc<RootCertStore>,
@@ -89,4 +119,19 @@ pub fn server_config(leaf: Arc<CertifiedKey>, alpn: Option<Vec<u8>>) -> Arc<Serv
 /// mismatch, untrusted upstream) fails closed.
 pub fn refusing_config() -> Arc<ServerConfig> {
     Arc::new(ServerConfig::builder().with_no_client_auth().with_cert_resolver(Arc::new(OneLeaf(None))))
+}
+
+#[cfg(test)]
+mod alert_tests {
+    use super::*;
+
+    #[test]
+    fn alerts_are_named_as_in_the_rfc_with_their_direction() {
+        let e = |tls: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        let got = alert(&e(rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate)));
+        assert_eq!(got.as_deref(), Some("received bad_certificate"));
+        let got = alert(&e(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)));
+        assert_eq!(got.as_deref(), Some("sent unknown_ca"));
+        assert_eq!(alert(&std::io::Error::from(std::io::ErrorKind::UnexpectedEof)), None);
+    }
 }

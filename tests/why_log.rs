@@ -1,0 +1,89 @@
+//! The real binary's log says why: a 502's line carries the kernel's cause, and a 405's line
+//! the method and the absolute-form destination, never its query string.
+
+mod common;
+
+use common::child::Veilgate;
+use common::eventually_blocking;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn exchange(addr: SocketAddr, request: &[u8]) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(request).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn a_502_says_the_cause_and_a_405_says_method_and_host_without_the_query() {
+    // A loopback port nobody listens on: bound, then released.
+    let closed = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("veilgate.toml");
+    std::fs::write(&file, format!("[policy]\ndeny_private = false\nallowed_ports = [{closed}]\n")).unwrap();
+    let (proxy, admin) = (free_port(), free_port());
+    let proxy: SocketAddr = format!("127.0.0.1:{proxy}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_veilgate"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .args(["--listen", &proxy.to_string(), "--admin-listen", &admin.to_string()])
+        .env("VEILGATE_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut vg = Veilgate(child);
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let (out, log) = (vg.0.stdout.take().unwrap(), Arc::clone(&log));
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                log.lock().unwrap().push(line);
+            }
+        })
+    };
+    eventually_blocking(
+        "health",
+        || exchange(admin, b"GET /healthz HTTP/1.1\r\n\r\n"),
+        |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+    );
+
+    let reply = exchange(proxy, format!("CONNECT 127.0.0.1:{closed} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 502 "), "{reply}");
+    let line = eventually_blocking(
+        "the 502's line",
+        || log.lock().unwrap().iter().find(|l| l.contains("reason=\"upstream_failed\"")).cloned(),
+        Option::is_some,
+    )
+    .unwrap();
+    assert!(line.contains("cause=\"connection refused\""), "{line}");
+
+    let reply = exchange(proxy, b"GET http://a.invalid/x?secret=1 HTTP/1.1\r\nHost: a.invalid\r\n\r\n").unwrap();
+    assert!(reply.starts_with("HTTP/1.1 405 "), "{reply}");
+    let line = eventually_blocking(
+        "the 405's line",
+        || log.lock().unwrap().iter().find(|l| l.contains("reason=\"method_not_allowed\"")).cloned(),
+        Option::is_some,
+    )
+    .unwrap();
+    assert!(line.contains("method=\"GET\""), "{line}");
+    assert!(line.contains("scheme=\"http\""), "{line}");
+    assert!(line.contains("host=\"a.invalid\""), "{line}");
+    assert!(!line.contains("secret"), "{line}");
+
+    let _ = vg.0.kill();
+    let _ = vg.0.wait();
+    let _ = reader.join();
+}
