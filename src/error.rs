@@ -74,11 +74,14 @@ pub enum Refusal {
     /// Upstream connect did not finish within `connect_timeout` (504).
     #[error("upstream connection timed out")]
     UpstreamTimeout,
+    /// The cluster backend's Redis did not answer and `cluster.fail_mode = "closed"` (503).
+    #[error("cluster limits unavailable")]
+    ClusterUnavailable,
 }
 
 impl Refusal {
     /// Every metric label, so counters can be registered (at zero) before the first refusal.
-    pub const REASONS: [&'static str; 20] = [
+    pub const REASONS: [&'static str; 21] = [
         "bad_request",
         "method_not_allowed",
         "auth_required",
@@ -99,6 +102,7 @@ impl Refusal {
         "dns_failed",
         "upstream_failed",
         "upstream_timeout",
+        "cluster_unavailable",
     ];
 
     /// HTTP status code.
@@ -113,7 +117,7 @@ impl Refusal {
             Refusal::HeaderTooLarge => 431,
             Refusal::PortDenied | Refusal::HostDenied | Refusal::AddressDenied | Refusal::RouteDenied => 403,
             Refusal::ClientCap | Refusal::RouteCap | Refusal::ClientRate { .. } | Refusal::ClientPendingCap => 429,
-            Refusal::GlobalCap | Refusal::PendingCap => 503,
+            Refusal::GlobalCap | Refusal::PendingCap | Refusal::ClusterUnavailable => 503,
             Refusal::DnsFailed | Refusal::UpstreamFailed => 502,
             Refusal::UpstreamTimeout => 504,
         }
@@ -142,6 +146,7 @@ impl Refusal {
             Refusal::DnsFailed => "dns_failed",
             Refusal::UpstreamFailed => "upstream_failed",
             Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::ClusterUnavailable => "cluster_unavailable",
         }
     }
 }
@@ -173,6 +178,7 @@ mod tests {
             Refusal::DnsFailed,
             Refusal::UpstreamFailed,
             Refusal::UpstreamTimeout,
+            Refusal::ClusterUnavailable,
         ];
         let labels: Vec<_> = all.iter().map(Refusal::reason).collect();
         assert_eq!(labels, Refusal::REASONS);
