@@ -300,3 +300,46 @@ async fn a_killed_instance_gives_its_slots_back_within_the_lease_ttl() {
     assert!(took <= Duration::from_millis(3500), "back within lease_ttl (3 s): {took:?}");
     drop(held);
 }
+
+/// Counts this thread's allocations, for the one test that checks the local backend's admit
+/// path allocates nothing (the cluster backend's match arm must cost it nothing).
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        // SAFETY: the caller's contract is passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's contract is passed on.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_local_backend_admits_a_known_client_without_allocating() {
+    use veilgate::limits::{AdmitRequest, ClientKey, Governor};
+    let config = veilgate::Config::from_toml(
+        "[limits]\nmax_tunnels = 100\n[limits.per_client]\nmax_tunnels = 4\nnew_tunnels_per_second = 1000",
+        "test",
+    )
+    .unwrap();
+    let g = Governor::new(&config);
+    let client = ClientKey::V4("127.0.0.2".parse().unwrap());
+    let req = AdmitRequest { client: &client, route: None };
+    drop(g.admit(req).await.unwrap()); // the client's pool and rate key are made once
+    let before = ALLOCATIONS.with(|n| n.get());
+    for _ in 0..100 {
+        drop(g.admit(req).await.unwrap());
+    }
+    assert_eq!(ALLOCATIONS.with(|n| n.get()) - before, 0, "admitting a known client allocates nothing");
+}
