@@ -281,6 +281,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_share_of_the_caps_rounds_up_and_pools_only_has_none() {
+        use local::Share;
+        use std::num::NonZeroU32;
+        let g = Governor::new(&config(
+            "[limits]\nmax_tunnels = 100\n[limits.per_client]\nmax_tunnels = 3\nnew_tunnels_per_second = 4\nnew_tunnels_burst = 4",
+        ));
+        let local = g.local();
+        let a = ClientKey::V4("127.0.0.2".parse().unwrap());
+        let req = AdmitRequest { client: &a, route: None };
+        let half = Share::Part(NonZeroU32::new(2).unwrap());
+        let held: Vec<_> = (0..2).map(|_| local.admit_with(&req, half).unwrap()).collect();
+        assert_eq!(local.admit_with(&req, half).err(), Some(Refusal::ClientCap), "3 over 2 instances: 2 here");
+        let all: Vec<_> = (0..10).map(|_| local.admit_with(&req, Share::Pools).unwrap()).collect();
+        assert_eq!(local.active_for(&a), 12, "Redis decides the caps; the local counts still see every tunnel");
+        drop((held, all));
+        // The rate's share: 4 over 3 instances is 2 (rounded up), burst 2.
+        let third = Share::Part(NonZeroU32::new(3).unwrap());
+        let b = ClientKey::V4("127.0.0.3".parse().unwrap());
+        let req = AdmitRequest { client: &b, route: None };
+        drop(local.admit_with(&req, third).unwrap());
+        drop(local.admit_with(&req, third).unwrap());
+        assert!(matches!(local.admit_with(&req, third).err(), Some(Refusal::ClientRate { .. })));
+    }
+
+    #[tokio::test]
     async fn rate_refusal_says_when() {
         let g = Governor::new(&config("[limits.per_client]\nnew_tunnels_per_second = 1\nnew_tunnels_burst = 2"));
         let a = ClientKey::V4("127.0.0.2".parse().unwrap());
