@@ -177,12 +177,14 @@ async fn fail_mode_closed_refuses_new_tunnels_keeps_running_ones_and_recovers() 
     }
     refusals(&a, "cluster_unavailable", 3.0).await;
     wait_mode(&a, "closed").await;
+    assert_eq!(a.admin_get("/readyz").await.0, 503, "a balancer should take this instance out");
     assert!(metric(&a, "veilgate_cluster_errors_total{kind=\"connection\"}").await >= 1.0);
     echoes(&mut running).await;
     // Redis comes back empty: the running tunnel's lease is written again before any
     // admission asks, so the cap of 2 leaves room for exactly one more.
     redis.restart();
     wait_mode(&a, "redis").await;
+    assert_eq!(a.admin_get("/readyz").await.0, 200);
     assert_eq!(redis.command("ZCARD vg:{v4:127.0.0.6}:conn").trim(), ":1", "the running tunnel re-registered");
     let (s, _t2) = open(&a, "127.0.0.6", &origin).await;
     assert_eq!(s, 200);
@@ -297,7 +299,8 @@ async fn a_killed_instance_gives_its_slots_back_within_the_lease_ttl() {
     .await;
     assert_eq!(status, 200);
     let took = died.elapsed();
-    assert!(took <= Duration::from_millis(3500), "back within lease_ttl (3 s): {took:?}");
+    // The leases end at most lease_ttl (3 s) after the last renewal; 1 s for the polling.
+    assert!(took <= Duration::from_secs(4), "back within lease_ttl: {took:?}");
     drop(held);
 }
 

@@ -261,6 +261,12 @@ impl Cluster {
     pub fn answering(&self) -> bool {
         !self.inner.down.load(Ordering::Relaxed)
     }
+
+    /// Whether every new tunnel is refused now: Redis does not answer and the fail mode is
+    /// `closed`. `/readyz` says so, so a balancer takes the instance out of its pool.
+    pub fn refuses_all(&self) -> bool {
+        !self.answering() && self.inner.config.fail_mode == FailMode::Closed
+    }
 }
 
 /// The limits one admission asks Redis about.
