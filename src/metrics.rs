@@ -359,6 +359,8 @@ pub struct ClusterMetrics {
     pub lease_renewals: Counter,
     /// Live instances at the last heartbeat: the N that fail mode `local` divides by.
     pub instances: Gauge,
+    /// Bandwidth grants taken from Redis (about 100 ms of a client's rate each).
+    pub grants: Counter,
 }
 
 impl ClusterMetrics {
@@ -404,6 +406,11 @@ impl ClusterMetrics {
                 "Live instances at the last heartbeat in Redis (fail mode local divides caps and rates by it).",
                 &[],
             ),
+            grants: r.counter(
+                "veilgate_cluster_bandwidth_grants_total",
+                "Bandwidth grants taken from Redis (about 100 ms of a client's rate each).",
+                &[],
+            ),
         }
     }
 
@@ -416,6 +423,7 @@ impl ClusterMetrics {
             mode: std::array::from_fn(|_| Gauge::noop()),
             lease_renewals: Counter::noop(),
             instances: Gauge::noop(),
+            grants: Counter::noop(),
         }
     }
 

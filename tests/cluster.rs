@@ -304,6 +304,66 @@ async fn a_killed_instance_gives_its_slots_back_within_the_lease_ttl() {
     drop(held);
 }
 
+/// Downloads `len` bytes from a `source` origin through `proxy` as client `from`.
+async fn download(proxy: &TestProxy, from: &str, origin: &Origin, len: u64) -> u64 {
+    let (status, mut s) = open(proxy, from, origin).await;
+    assert_eq!(status, 200);
+    s.write_all(&len.to_be_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got < len && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got += n as u64,
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_bandwidth_holds_across_instances_by_grants() {
+    let Some(redis) = RedisServer::start("a_client_bandwidth_holds_across_instances") else { return };
+    let origin = Origin::source().await;
+    let limits = "[limits.per_client]\nbandwidth_down = \"512 KiB/s\"";
+    let a = start(&redis, "closed", &origin, limits).await;
+    let b = start(&redis, "closed", &origin, limits).await;
+    // 1 MiB through each instance at once: 2 MiB at 512 KiB/s for the whole fleet is 4 s
+    // (each instance alone would allow 512 KiB/s, so 2 s). The bound allows one grant of
+    // burst and two grants per instance: 5 x 51 KiB.
+    let mib = 1u64 << 20;
+    let started = Instant::now();
+    let (got_a, got_b) =
+        tokio::join!(download(&a, "127.0.0.10", &origin, mib), download(&b, "127.0.0.10", &origin, mib));
+    let took = started.elapsed();
+    assert_eq!((got_a, got_b), (mib, mib));
+    let floor = Duration::from_secs_f64((2.0 * mib as f64 - 5.0 * 52_000.0) / (512.0 * 1024.0));
+    assert!(took >= floor, "2 MiB in {took:?}: faster than the fleet rate allows ({floor:?})");
+    assert!(took <= Duration::from_secs(7), "2 MiB in {took:?}: far slower than the fleet rate");
+    for p in [&a, &b] {
+        assert!(metric(p, "veilgate_cluster_bandwidth_grants_total").await >= 5.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_download_goes_on_at_its_local_share_while_redis_is_down() {
+    let Some(mut redis) = RedisServer::start("a_running_download_goes_on_while_redis_is_down") else { return };
+    let origin = Origin::source().await;
+    let a = start(&redis, "closed", &origin, "[limits.per_client]\nbandwidth_down = \"512 KiB/s\"").await;
+    let mib = 1u64 << 20;
+    let started = Instant::now();
+    let transfer = download(&a, "127.0.0.11", &origin, mib);
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        redis.stop();
+    };
+    let (got, ()) = tokio::join!(transfer, outage);
+    let took = started.elapsed();
+    assert_eq!(got, mib, "the tunnel kept its bytes coming (fed locally at rate / 1 instance)");
+    assert!(took >= Duration::from_millis(1600) && took <= Duration::from_secs(6), "1 MiB at 512 KiB/s in {took:?}");
+    wait_mode(&a, "closed").await;
+}
+
 /// Counts this thread's allocations, for the one test that checks the local backend's admit
 /// path allocates nothing (the cluster backend's match arm must cost it nothing).
 struct Counting;

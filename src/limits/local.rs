@@ -83,11 +83,20 @@ pub struct Local {
     rate_part: KeyedRate,
     /// Authentication attempts that need a hash, per client address (only with `[auth]`).
     auth_attempts: KeyedRate,
+    /// Whether per-client pools are fed from outside (a cluster backend's grants) rather
+    /// than paced by their local rate alone.
+    fed: bool,
 }
 
 impl Local {
     /// Local state for `config`.
     pub fn new(config: &Config) -> Arc<Local> {
+        Local::with_feeding(config, false)
+    }
+
+    /// Local state whose per-client pools spend only credit granted from outside when `fed`
+    /// (the cluster backend's bandwidth grants, [`super::cluster`]).
+    pub(super) fn with_feeding(config: &Config, fed: bool) -> Arc<Local> {
         let g = Local {
             settings: ArcSwap::from_pointee(Settings::default()),
             global: Arc::default(),
@@ -95,6 +104,7 @@ impl Local {
             rate: KeyedRate::default(),
             rate_part: KeyedRate::default(),
             auth_attempts: KeyedRate::default(),
+            fed,
         };
         g.update(config);
         Arc::new(g)
@@ -192,7 +202,8 @@ impl Local {
         let entry = match self.clients.entry((client, route)) {
             Entry::Occupied(o) => o.into_ref(),
             Entry::Vacant(v) => {
-                let pool = Arc::new(Pool::default());
+                let fed = self.fed && v.key().1.is_none();
+                let pool = Arc::new(if fed { Pool::fed() } else { Pool::default() });
                 self.settings.load().apply(v.key(), &pool);
                 v.insert(pool)
             }

@@ -60,7 +60,7 @@ impl ClientKey {
 }
 
 /// Direction of a byte flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
     /// Client to origin.
     Up,
@@ -139,7 +139,7 @@ impl Governor {
     /// without waiting for Redis (its fail mode answers until Redis does), so this needs a
     /// tokio runtime when `backend = "redis"`.
     pub fn build(config: &Config, metrics: ClusterMetrics) -> Arc<Governor> {
-        let local = Local::new(config);
+        let local = Local::with_feeding(config, config.cluster.backend == ClusterBackend::Redis);
         let backend = match config.cluster.backend {
             ClusterBackend::Local => Backend::Local(local),
             ClusterBackend::Redis => match Cluster::start(Arc::clone(&local), &config.cluster, metrics) {
@@ -148,7 +148,8 @@ impl Governor {
                     // `Config::validate` parsed the URL already; this is a client that cannot
                     // use it (a TLS URL without TLS support, say). Say so, and run alone.
                     tracing::error!(error = %e, "cluster backend cannot start; this instance enforces local limits only");
-                    Backend::Local(local)
+                    // Not the one made for feeding: nothing would feed its byte budgets.
+                    Backend::Local(Local::new(config))
                 }
             },
         };

@@ -37,6 +37,11 @@ impl ClientKeys {
     }
 }
 
+/// A client's fleet-wide byte bucket for one direction (`vg:{tag}:bw:up|down`).
+pub(super) fn bandwidth(client: &ClientKey, dir: crate::limits::Direction) -> String {
+    format!("vg:{{{}}}:bw:{}", tag(client), dir.as_str())
+}
+
 /// The hash tag's text: `v4:ADDR`, `v6:PREFIX-ADDR`, or `u:` and the first 16 bytes of the
 /// user's SHA-256 in hex. The prefixes keep the three apart and away from `global`.
 pub(super) fn tag(client: &ClientKey) -> String {

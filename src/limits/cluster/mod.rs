@@ -25,6 +25,7 @@
 //! The client talks to one Redis node (a `ConnectionManager`); the keys and scripts are
 //! ready for a Redis Cluster (every script touches one slot), the client is not yet.
 
+mod grants;
 mod keys;
 mod leases;
 mod scripts;
@@ -95,11 +96,13 @@ pub struct Cluster {
     pub(super) local: Arc<Local>,
     inner: Arc<Inner>,
     task: tokio::task::JoinHandle<()>,
+    feeder: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.task.abort();
+        self.feeder.abort();
     }
 }
 
@@ -147,7 +150,8 @@ impl Cluster {
             "cluster backend starting; the fail mode answers until Redis does"
         );
         let task = tokio::spawn(leases::run(Arc::clone(&inner), rx));
-        Ok(Cluster { local, inner, task })
+        let feeder = tokio::spawn(grants::run(Arc::clone(&inner), Arc::downgrade(&local)));
+        Ok(Cluster { local, inner, task, feeder })
     }
 
     /// The configuration it was started with; a reload cannot change it.

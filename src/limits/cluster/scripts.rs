@@ -75,3 +75,42 @@ return 1
 "#,
     )
 });
+
+/// A bandwidth grant: `n` byte cells from a client's fleet-wide GCRA bucket (one per
+/// direction, `vg:{client}:bw:up|down`). KEYS: the bucket. ARGV: cells wanted, emission
+/// interval (ms per cell), burst (cells). Answers `{granted, retry_after_ms}`: all `n` or none,
+/// so an instance never holds a sliver it cannot use.
+pub(super) static GRANT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local n, interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local new_tat = tat + n * interval
+local allow_at = new_tat - burst * interval
+if allow_at > now then return {0, math.ceil(allow_at - now)} end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+return {n, 0}
+"#,
+    )
+});
+
+/// Gives unspent cells back to a client's bucket (an instance whose tunnels went idle), so
+/// the other instances may use them. KEYS: the bucket. ARGV: cells, emission interval (ms).
+/// Never moves the bucket's time before now: returned credit cannot build a burst.
+pub(super) static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat then return 0 end
+tat = tat - tonumber(ARGV[1]) * tonumber(ARGV[2])
+if tat <= now then redis.call('DEL', KEYS[1]) return 1 end
+redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
+return 1
+"#,
+    )
+});
