@@ -13,7 +13,7 @@
 //! live instances (fail modes `local` and `closed`, so running tunnels go on at their share)
 //! or the whole rate (`open`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -67,7 +67,8 @@ pub(super) async fn run(inner: Arc<Inner>, local: Weak<Local>) {
             .map(|e| (e.key().0.clone(), Arc::clone(e.value())))
             .collect();
         drop(local);
-        feeds.retain(|(client, _), _| pools.iter().any(|(c, _)| c == client));
+        let present: HashSet<&ClientKey> = pools.iter().map(|(c, _)| c).collect();
+        feeds.retain(|(client, _), _| present.contains(client));
         for (client, pool) in &pools {
             for dir in [Direction::Up, Direction::Down] {
                 feed(&inner, &mut feeds, client, pool, dir).await;
@@ -98,6 +99,12 @@ async fn feed(
     let spending = bucket.waiting() > 0 || balance < f.last_balance;
     f.quiet = if spending { 0 } else { f.quiet.saturating_add(1) };
     if inner.down.load(Ordering::Relaxed) {
+        if pool.tunnels.active() == 0 {
+            // No credit is made for a client with no tunnel here. (What is left when Redis
+            // returns is given back then, at most one grant of local credit per outage: the
+            // give-back never moves Redis' bucket before now, so it cannot build a burst.)
+            return;
+        }
         // Local grants at this instance's share of the rate, never more than one grant held.
         let share = match inner.config.fail_mode {
             FailMode::Open => 1.0,
