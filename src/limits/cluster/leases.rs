@@ -138,8 +138,9 @@ async fn renew(inner: &Inner, live: &HashMap<u64, LeaseKeys>) -> bool {
     let work = async {
         if was_down {
             // A restarted Redis has no scripts: load them before admissions need them.
-            scripts::ADMIT.prepare_invoke().load_async(&mut conn).await?;
-            scripts::TAKE.prepare_invoke().load_async(&mut conn).await?;
+            for script in [&scripts::ADMIT, &scripts::TAKE, &scripts::GRANT, &scripts::GIVE_BACK] {
+                script.prepare_invoke().load_async(&mut conn).await?;
+            }
         }
         let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
         let now = secs * 1000 + micros / 1000;
