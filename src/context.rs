@@ -123,7 +123,7 @@ impl Context {
         let metrics = Metrics::new(listeners);
         metrics.configured(&shared.config);
         Context {
-            governor: Governor::new(&shared.config),
+            governor: Governor::build(&shared.config, metrics.cluster.clone()),
             pending: Pending::default(),
             metrics,
             refusal_log: LogThrottle::new(&Refusal::REASONS, REFUSAL_LINES_PER_SECOND),

@@ -84,6 +84,9 @@ pub enum Refusal {
     /// `auth.require_tls`: a plaintext listener never asks for or takes credentials (403).
     #[error("credentials are accepted only on the TLS listener (auth.require_tls)")]
     TlsRequired,
+    /// The cluster backend's Redis did not answer and `cluster.fail_mode = "closed"` (503).
+    #[error("cluster limits unavailable")]
+    ClusterUnavailable,
 }
 
 /// A connection closed with no answer at all. Its peer is a balancer speaking the PROXY
@@ -127,7 +130,7 @@ impl Unanswered {
 impl Refusal {
     /// Every `refusals_total` label, so counters can be registered (at zero) before the
     /// first refusal: the answered refusals', then the [`Unanswered`] closes'.
-    pub const REASONS: [&'static str; 28] = [
+    pub const REASONS: [&'static str; 29] = [
         "bad_request",
         "method_not_allowed",
         "auth_required",
@@ -151,6 +154,7 @@ impl Refusal {
         "tls_on_plaintext",
         "plaintext_on_tls",
         "tls_required",
+        "cluster_unavailable",
         "proxy_protocol_untrusted",
         "proxy_protocol_missing",
         "proxy_protocol_malformed",
@@ -171,7 +175,7 @@ impl Refusal {
             Refusal::HeaderTooLarge => 431,
             Refusal::PortDenied | Refusal::HostDenied | Refusal::AddressDenied | Refusal::RouteDenied => 403,
             Refusal::ClientCap | Refusal::RouteCap | Refusal::ClientRate { .. } | Refusal::ClientPendingCap => 429,
-            Refusal::GlobalCap | Refusal::PendingCap => 503,
+            Refusal::GlobalCap | Refusal::PendingCap | Refusal::ClusterUnavailable => 503,
             Refusal::DnsFailed | Refusal::UpstreamFailed => 502,
             Refusal::UpstreamTimeout => 504,
         }
@@ -203,6 +207,7 @@ impl Refusal {
             Refusal::TlsOnPlaintext => "tls_on_plaintext",
             Refusal::PlaintextOnTls => "plaintext_on_tls",
             Refusal::TlsRequired => "tls_required",
+            Refusal::ClusterUnavailable => "cluster_unavailable",
         }
     }
 }
@@ -237,6 +242,7 @@ mod tests {
             Refusal::TlsOnPlaintext,
             Refusal::PlaintextOnTls,
             Refusal::TlsRequired,
+            Refusal::ClusterUnavailable,
         ];
         let unanswered = [
             Unanswered::ProxyProtocolUntrusted,

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub config: ConfigMetrics,
     /// The process: CPU, memory, descriptors, threads (`process_*`, read at each scrape).
     pub process: ProcessMetrics,
+    /// The cluster backend's decisions in Redis (all zero with `backend = "local"`).
+    pub cluster: ClusterMetrics,
 }
 
 struct Reg<'a> {
@@ -365,6 +367,109 @@ impl ConfigMetrics {
     }
 }
 
+/// The cluster backend (DESIGN §4b): its decisions, their latency, Redis errors, the mode in
+/// force. Cloned into the backend, which counts without going through [`Metrics`].
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    decisions: [Counter; 4],
+    errors: [Counter; 3],
+    /// Time of one admission decision in Redis, answered or not.
+    pub decision_duration: Histogram,
+    mode: [Gauge; 4],
+    /// Leases renewed in Redis (each tunnel's lease, every third of `lease_ttl`).
+    pub lease_renewals: Counter,
+    /// Live instances at the last heartbeat: the N that fail mode `local` divides by.
+    pub instances: Gauge,
+    /// Bandwidth grants taken from Redis (about 100 ms of a client's rate each).
+    pub grants: Counter,
+}
+
+impl ClusterMetrics {
+    /// Decision results (`cluster_decisions_total{result}`): Redis admitted or refused; Redis
+    /// failed (error or timeout) and the fail mode answered; the backend was backing off and
+    /// the fail mode answered without asking.
+    pub const RESULTS: [&'static str; 4] = ["admitted", "refused", "failed", "skipped"];
+    /// Error kinds (`cluster_errors_total{kind}`).
+    pub const ERROR_KINDS: [&'static str; 3] = ["timeout", "connection", "response"];
+    /// Modes (`cluster_mode{mode}`): `redis` while Redis answers, else the fail mode in force.
+    pub const MODES: [&'static str; 4] = ["redis", "local", "open", "closed"];
+
+    fn new(r: &Reg) -> ClusterMetrics {
+        ClusterMetrics {
+            decisions: Self::RESULTS.map(|res| {
+                r.counter(
+                    "veilgate_cluster_decisions_total",
+                    "Admission decisions of the cluster backend, by result (failed and skipped were answered by the fail mode).",
+                    &[("result", res)],
+                )
+            }),
+            errors: Self::ERROR_KINDS.map(|kind| {
+                r.counter("veilgate_cluster_errors_total", "Redis calls that failed, by kind.", &[("kind", kind)])
+            }),
+            decision_duration: r.histogram(
+                "veilgate_cluster_decision_duration_seconds",
+                "Time of one admission decision in Redis, answered or timed out.",
+            ),
+            mode: Self::MODES.map(|mode| {
+                r.gauge(
+                    "veilgate_cluster_mode",
+                    "1 for the admission mode in force: redis, or the fail mode (local, open, closed); all 0 with backend local.",
+                    &[("mode", mode)],
+                )
+            }),
+            lease_renewals: r.counter(
+                "veilgate_cluster_lease_renewals_total",
+                "Tunnel leases renewed in Redis.",
+                &[],
+            ),
+            instances: r.gauge(
+                "veilgate_cluster_instances",
+                "Live instances at the last heartbeat in Redis (fail mode local divides caps and rates by it).",
+                &[],
+            ),
+            grants: r.counter(
+                "veilgate_cluster_bandwidth_grants_total",
+                "Bandwidth grants taken from Redis (about 100 ms of a client's rate each).",
+                &[],
+            ),
+        }
+    }
+
+    /// Handles that count nothing, for a governor built without a registry (unit tests).
+    pub fn noop() -> ClusterMetrics {
+        ClusterMetrics {
+            decisions: std::array::from_fn(|_| Counter::noop()),
+            errors: std::array::from_fn(|_| Counter::noop()),
+            decision_duration: Histogram::noop(),
+            mode: std::array::from_fn(|_| Gauge::noop()),
+            lease_renewals: Counter::noop(),
+            instances: Gauge::noop(),
+            grants: Counter::noop(),
+        }
+    }
+
+    /// Counts one decision; `result` is one of [`ClusterMetrics::RESULTS`].
+    pub fn decided(&self, result: &str) {
+        if let Some(i) = Self::RESULTS.iter().position(|r| *r == result) {
+            self.decisions[i].increment(1);
+        }
+    }
+
+    /// Counts one failed Redis call; `kind` is one of [`ClusterMetrics::ERROR_KINDS`].
+    pub fn error(&self, kind: &str) {
+        if let Some(i) = Self::ERROR_KINDS.iter().position(|k| *k == kind) {
+            self.errors[i].increment(1);
+        }
+    }
+
+    /// Sets the mode in force; `mode` is one of [`ClusterMetrics::MODES`].
+    pub fn mode(&self, mode: &str) {
+        for (m, g) in Self::MODES.iter().zip(&self.mode) {
+            g.set(if *m == mode { 1.0 } else { 0.0 });
+        }
+    }
+}
+
 impl Metrics {
     /// Builds the recorder and registers every series for these listeners.
     pub fn new(listeners: &[SocketAddr]) -> Metrics {
@@ -372,6 +477,9 @@ impl Metrics {
             .set_buckets_for_metric(Matcher::Full("veilgate_tunnel_duration_seconds".into()), DURATION_BUCKETS)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("connect_duration_seconds".into()), CONNECT_BUCKETS))
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("lookup_duration_seconds".into()), CONNECT_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("decision_duration_seconds".into()), CONNECT_BUCKETS)
+            })
             .expect("bucket lists are not empty")
             .build_recorder();
         let r = Reg { rec: &rec };
@@ -387,6 +495,7 @@ impl Metrics {
             mitm: MitmMetrics::new(&r),
             config: ConfigMetrics::new(&r),
             process: ProcessMetrics::new(&r),
+            cluster: ClusterMetrics::new(&r),
         };
         r.gauge(
             "veilgate_build_info",

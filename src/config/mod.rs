@@ -3,7 +3,7 @@
 //! typed values; nothing re-parses strings at run time.
 //!
 //! Each section is a module of its own holding its types, their defaults and its checks
-//! (`server`, `limits`, `policy`, `dns`, `auth`, `routes`, `mitm`, `log`), re-exported here so
+//! (`server`, `limits`, `policy`, `dns`, `auth`, `routes`, `mitm`, `log`, `cluster`), re-exported here so
 //! every path stays `crate::config::X`. A new key goes in its section's struct, with its rule
 //! in that section's `validate`; this module keeps only what spans sections.
 //!
@@ -11,6 +11,7 @@
 //! `config/veilgate.toml`. Missing keys in a user's file take the same defaults.
 
 mod auth;
+mod cluster;
 pub mod diff;
 mod dns;
 mod limits;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use auth::AuthConfig;
+pub use cluster::{ClusterBackend, ClusterConfig, FailMode, RedisUrl};
 pub use dns::{DnsConfig, HostAddrs};
 pub use limits::{LimitsConfig, PerClientLimits};
 pub use log::{ClientAddressLog, LogConfig, LogFormat};
@@ -114,6 +116,8 @@ pub struct Config {
     pub mitm: Option<MitmConfig>,
     /// Log format and privacy.
     pub log: LogConfig,
+    /// Where caps are decided when several instances share them.
+    pub cluster: ClusterConfig,
 }
 
 impl Config {
@@ -171,6 +175,7 @@ impl Config {
         self.dns.validate(origin)?;
         self.limits.validate(origin)?;
         self.policy.validate(origin)?;
+        self.cluster.validate(origin)?;
         for (i, route) in self.routes.iter().enumerate() {
             route.validate(origin, i)?;
         }

@@ -139,6 +139,12 @@ impl Bucket {
         }
     }
 
+    /// Takes all unspent credit out (0 for a bucket that is not fed): a feeder gives it back
+    /// to where it came from when nobody is spending it.
+    pub fn withdraw(&self) -> u64 {
+        self.credit.as_ref().map_or(0, |c| c.cells.swap(0, Ordering::AcqRel))
+    }
+
     /// Credit not yet spent (0 for a bucket that is not fed).
     pub fn balance(&self) -> u64 {
         self.credit.as_ref().map_or(0, |c| c.cells.load(Ordering::Acquire))

@@ -3,6 +3,7 @@
 //! forgets clients gone quiet.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -30,6 +31,28 @@ pub(super) struct Settings {
     pub(super) routes: HashMap<Arc<str>, RouteLimits>,
 }
 
+/// How much of the configured caps and new-tunnel rate this process enforces itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Share {
+    /// All of them: the local backend, or a cluster backend failing open.
+    Whole,
+    /// None: Redis decides them. Only the pools (byte budgets) and local counts are kept.
+    Pools,
+    /// Each divided by this many live instances, rounded up so no limit becomes 0 (a
+    /// cluster backend failing `local`).
+    Part(NonZeroU32),
+}
+
+impl Share {
+    fn cap(self, cap: Option<u32>) -> Option<u32> {
+        match self {
+            Share::Whole => cap,
+            Share::Pools => None,
+            Share::Part(n) => cap.map(|c| c.div_ceil(n.get()).max(1)),
+        }
+    }
+}
+
 /// Key of the client map: the client, and the route identity for route-scoped state.
 type StateKey = (ClientKey, Option<Arc<str>>);
 
@@ -55,19 +78,33 @@ pub struct Local {
     /// been quiet for a sweep interval.
     pub(super) clients: DashMap<StateKey, Arc<Pool>>,
     rate: KeyedRate,
+    /// The new-tunnel rate divided among the instances, for a cluster backend's fail mode
+    /// `local` ([`Share::Part`]); configured when first used and whenever the count moves.
+    rate_part: KeyedRate,
     /// Authentication attempts that need a hash, per client address (only with `[auth]`).
     auth_attempts: KeyedRate,
+    /// Whether per-client pools are fed from outside (a cluster backend's grants) rather
+    /// than paced by their local rate alone.
+    fed: bool,
 }
 
 impl Local {
     /// Local state for `config`.
     pub fn new(config: &Config) -> Arc<Local> {
+        Local::with_feeding(config, false)
+    }
+
+    /// Local state whose per-client pools spend only credit granted from outside when `fed`
+    /// (the cluster backend's bandwidth grants, [`super::cluster`]).
+    pub(super) fn with_feeding(config: &Config, fed: bool) -> Arc<Local> {
         let g = Local {
             settings: ArcSwap::from_pointee(Settings::default()),
             global: Arc::default(),
             clients: DashMap::new(),
             rate: KeyedRate::default(),
+            rate_part: KeyedRate::default(),
             auth_attempts: KeyedRate::default(),
+            fed,
         };
         g.update(config);
         Arc::new(g)
@@ -103,27 +140,47 @@ impl Local {
 
     /// Admits one tunnel, or says why not. Cheapest refusal first.
     pub fn admit(self: &Arc<Self>, req: &AdmitRequest<'_>) -> Result<Lease, Refusal> {
+        self.admit_with(req, Share::Whole)
+    }
+
+    /// Admits one tunnel under `share` of the configured caps and new-tunnel rate. The pools
+    /// (and so the byte budgets) are the same whatever the share.
+    pub(super) fn admit_with(self: &Arc<Self>, req: &AdmitRequest<'_>, share: Share) -> Result<Lease, Refusal> {
         let client = req.client;
         let settings = self.settings.load();
-        let global = self.global.tunnels.try_acquire(settings.limits.max_tunnels).ok_or(Refusal::GlobalCap)?;
+        let cap = |c: Option<u32>| share.cap(c);
+        let global = self.global.tunnels.try_acquire(cap(settings.limits.max_tunnels)).ok_or(Refusal::GlobalCap)?;
         let (client_pool, client_slot) = self
-            .acquire_client(client.clone(), None, settings.limits.per_client.max_tunnels)
+            .acquire_client(client.clone(), None, cap(settings.limits.per_client.max_tunnels))
             .ok_or(Refusal::ClientCap)?;
         // The route's cap before the rate: a refusal for a full route should not also spend
         // the client's new-tunnel budget.
         let route_key: Option<Arc<str>> = req.route.filter(|k| settings.routes.contains_key(*k)).cloned();
         let route_scope = match (&route_key, route_key.as_ref().and_then(|k| settings.routes.get(k))) {
             (Some(k), Some(limits)) => Some(
-                self.acquire_client(client.clone(), Some(Arc::clone(k)), limits.max_tunnels)
+                self.acquire_client(client.clone(), Some(Arc::clone(k)), cap(limits.max_tunnels))
                     .ok_or(Refusal::RouteCap)?,
             ),
             _ => None,
         };
-        self.rate.check(client).map_err(|retry_after| Refusal::ClientRate { retry_after })?;
+        match share {
+            Share::Whole => self.rate.check(client),
+            Share::Pools => Ok(()),
+            Share::Part(n) => {
+                let pc = &settings.limits.per_client;
+                let part = |v: Option<NonZeroU32>| {
+                    v.map(|v| NonZeroU32::new(v.get().div_ceil(n.get())).unwrap_or(NonZeroU32::MIN))
+                };
+                self.rate_part.configure(part(pc.new_tunnels_per_second), part(pc.new_tunnels_burst));
+                self.rate_part.check(client)
+            }
+        }
+        .map_err(|retry_after| Refusal::ClientRate { retry_after })?;
         let (route_pool, route_slot) = route_scope.unzip();
         Ok(Lease {
             pools: [Some(client_pool), route_pool, Some(Arc::clone(&self.global))],
             _slots: (global, client_slot, route_slot),
+            cluster: None,
         })
     }
 
@@ -145,7 +202,8 @@ impl Local {
         let entry = match self.clients.entry((client, route)) {
             Entry::Occupied(o) => o.into_ref(),
             Entry::Vacant(v) => {
-                let pool = Arc::new(Pool::default());
+                let fed = self.fed && v.key().1.is_none();
+                let pool = Arc::new(if fed { Pool::fed() } else { Pool::default() });
                 self.settings.load().apply(v.key(), &pool);
                 v.insert(pool)
             }
@@ -165,6 +223,7 @@ impl Local {
         self.clients.retain(|_, st| Arc::strong_count(st) > 1 || st.last_used_ms.load(Ordering::Relaxed) > horizon);
         self.clients.shrink_to_fit();
         self.auth_attempts.sweep();
+        self.rate_part.sweep();
         (self.clients.len(), self.rate.sweep())
     }
 

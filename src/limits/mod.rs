@@ -14,6 +14,7 @@
 //! [`Governor::local`] rather than sitting on the type every tunnel calls.
 
 pub mod bandwidth;
+pub mod cluster;
 pub mod conns;
 pub mod local;
 pub mod pending;
@@ -24,8 +25,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{ByteRate, Config};
+use crate::config::{ByteRate, ClusterBackend, Config};
 use crate::error::Refusal;
+use crate::metrics::ClusterMetrics;
+pub use cluster::Cluster;
 use conns::Slot;
 pub use local::{Local, SWEEP_INTERVAL, SweeperGuard};
 use pool::Pools;
@@ -57,7 +60,7 @@ impl ClientKey {
 }
 
 /// Direction of a byte flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
     /// Client to origin.
     Up,
@@ -117,6 +120,8 @@ pub struct AdmitRequest<'a> {
 enum Backend {
     /// This process's own counters, limiters and buckets.
     Local(Arc<Local>),
+    /// Caps and new-tunnel rate in Redis, shared by every instance (`[cluster]`).
+    Cluster(Cluster),
 }
 
 /// The one door for admission and byte budgets, whichever backend answers.
@@ -125,20 +130,63 @@ pub struct Governor {
 }
 
 impl Governor {
-    /// A governor for `config`, on the local backend.
+    /// A governor for `config` whose metrics count nothing (tests, tools).
     pub fn new(config: &Config) -> Arc<Governor> {
-        Arc::new(Governor { backend: Backend::Local(Local::new(config)) })
+        Governor::build(config, ClusterMetrics::noop())
+    }
+
+    /// A governor for `config`, on the backend `[cluster]` names. The cluster backend starts
+    /// without waiting for Redis (its fail mode answers until Redis does), so this needs a
+    /// tokio runtime when `backend = "redis"`.
+    pub fn build(config: &Config, metrics: ClusterMetrics) -> Arc<Governor> {
+        let local = Local::with_feeding(config, config.cluster.backend == ClusterBackend::Redis);
+        let backend = match config.cluster.backend {
+            ClusterBackend::Local => Backend::Local(local),
+            ClusterBackend::Redis => match Cluster::start(Arc::clone(&local), &config.cluster, metrics) {
+                Ok(cluster) => Backend::Cluster(cluster),
+                Err(e) => {
+                    // `Config::validate` parsed the URL already; this is a client that cannot
+                    // use it (a TLS URL without TLS support, say). Say so, and run alone.
+                    tracing::error!(error = %e, "cluster backend cannot start; this instance enforces local limits only");
+                    // Not the one made for feeding: nothing would feed its byte budgets.
+                    Backend::Local(Local::new(config))
+                }
+            },
+        };
+        Arc::new(Governor { backend })
     }
 
     /// Applies new limits: at once for admissions, at the next chunk for running tunnels.
+    /// The `[cluster]` section itself takes effect only after a restart.
     pub fn update(&self, config: &Config) {
         self.local().update(config);
+        let started = match &self.backend {
+            Backend::Local(_) => ClusterBackend::Local,
+            Backend::Cluster(c) => {
+                if c.config() != &config.cluster {
+                    tracing::warn!("[cluster] changes take effect only after a restart");
+                }
+                return;
+            }
+        };
+        if started != config.cluster.backend {
+            tracing::warn!("[cluster] changes take effect only after a restart");
+        }
     }
 
     /// Admits one tunnel, or says why not. Cheapest refusal first.
     pub async fn admit(&self, req: AdmitRequest<'_>) -> Result<Lease, Refusal> {
         match &self.backend {
             Backend::Local(local) => local.admit(&req),
+            Backend::Cluster(cluster) => cluster.admit(&req).await,
+        }
+    }
+
+    /// The cluster backend, when `[cluster] backend = "redis"` runs.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Cluster(c) => Some(c),
         }
     }
 
@@ -159,6 +207,7 @@ impl Governor {
     pub fn local(&self) -> &Arc<Local> {
         match &self.backend {
             Backend::Local(local) => local,
+            Backend::Cluster(cluster) => &cluster.local,
         }
     }
 }
@@ -167,11 +216,13 @@ impl Governor {
 ///
 /// Dropping it releases the place. On the local backend that is a few atomic decrements
 /// (the slots' own `Drop`), done synchronously where the tunnel ends. The cluster backend
-/// cannot await Redis in `Drop`: its lease will hand the release to a background task that
+/// cannot await Redis in `Drop`: its lease hands the release to a background task that
 /// batches releases and renewals (DESIGN §4b), so dropping stays cheap there too.
 pub struct Lease {
     pools: Pools,
     _slots: (Slot, Slot, Option<Slot>),
+    /// The lease in Redis (cluster backend only).
+    cluster: Option<cluster::Held>,
 }
 
 impl Lease {
@@ -228,6 +279,31 @@ mod tests {
         drop(a1);
         assert_eq!(g.local().active_for(&a), 1);
         assert!(admit(&g, &b).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_share_of_the_caps_rounds_up_and_pools_only_has_none() {
+        use local::Share;
+        use std::num::NonZeroU32;
+        let g = Governor::new(&config(
+            "[limits]\nmax_tunnels = 100\n[limits.per_client]\nmax_tunnels = 3\nnew_tunnels_per_second = 4\nnew_tunnels_burst = 4",
+        ));
+        let local = g.local();
+        let a = ClientKey::V4("127.0.0.2".parse().unwrap());
+        let req = AdmitRequest { client: &a, route: None };
+        let half = Share::Part(NonZeroU32::new(2).unwrap());
+        let held: Vec<_> = (0..2).map(|_| local.admit_with(&req, half).unwrap()).collect();
+        assert_eq!(local.admit_with(&req, half).err(), Some(Refusal::ClientCap), "3 over 2 instances: 2 here");
+        let all: Vec<_> = (0..10).map(|_| local.admit_with(&req, Share::Pools).unwrap()).collect();
+        assert_eq!(local.active_for(&a), 12, "Redis decides the caps; the local counts still see every tunnel");
+        drop((held, all));
+        // The rate's share: 4 over 3 instances is 2 (rounded up), burst 2.
+        let third = Share::Part(NonZeroU32::new(3).unwrap());
+        let b = ClientKey::V4("127.0.0.3".parse().unwrap());
+        let req = AdmitRequest { client: &b, route: None };
+        drop(local.admit_with(&req, third).unwrap());
+        drop(local.admit_with(&req, third).unwrap());
+        assert!(matches!(local.admit_with(&req, third).err(), Some(Refusal::ClientRate { .. })));
     }
 
     #[tokio::test]

@@ -28,6 +28,12 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// A pool whose byte budgets spend only credit put in from outside ([`Bucket::fed`]):
+    /// a cluster backend's per-client pools, fed with grants from Redis.
+    pub(super) fn fed() -> Pool {
+        Pool { buckets: [Bucket::fed(), Bucket::fed()], ..Pool::default() }
+    }
+
     /// Sets both directions' rates.
     pub(super) fn set_rates(&self, up: Option<ByteRate>, down: Option<ByteRate>) {
         self.buckets[Direction::Up.index()].set_rate(up);

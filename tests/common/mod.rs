@@ -8,6 +8,7 @@
 pub mod child;
 pub mod client;
 pub mod origin;
+pub mod redis;
 pub mod tls;
 pub mod wait;
 
