@@ -157,7 +157,7 @@ async fn answer(mut stream: TcpStream, ctx: &Context) -> std::io::Result<()> {
     if method != "GET" && !head_only {
         return respond(&mut stream, 405, "text/plain", "only GET\n", false).await;
     }
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = path.split_once('?').unwrap_or((path.as_str(), ""));
     let s = &mut stream;
     match path {
         "/healthz" => respond(s, 200, "text/plain", "ok\n", head_only).await,
@@ -173,6 +173,20 @@ async fn answer(mut stream: TcpStream, ctx: &Context) -> std::io::Result<()> {
             ctx.metrics.auth_attempt_keys(ctx.governor.local().auth_attempt_keys());
             let body = ctx.metrics.render();
             respond(s, 200, "text/plain; version=0.0.4; charset=utf-8", &body, head_only).await
+        }
+        "/clients" | "/tunnels" => {
+            let shared = ctx.shared();
+            if !shared.config.admin.inspect {
+                return respond(s, 404, "text/plain", "inspection is off (admin.inspect)\n", head_only).await;
+            }
+            let (offset, limit) = crate::inspect::page(query);
+            let body = if path == "/clients" {
+                serde_json::to_string(&ctx.inspect.clients(&shared.config, offset, limit))
+            } else {
+                serde_json::to_string(&ctx.inspect.tunnels(&shared.config, offset, limit))
+            };
+            let body = body.unwrap_or_else(|_| "{}".into()) + "\n";
+            respond(s, 200, "application/json", &body, head_only).await
         }
         _ => respond(s, 404, "text/plain", "not found\n", head_only).await,
     }

@@ -39,6 +39,26 @@ pub enum Command {
     /// Interception self-check: compare the certificate an origin presents directly and through
     /// a proxy. Exit 0: not intercepted; 3: intercepted; 2: error.
     Probe(ProbeArgs),
+    /// Watch who uses the proxy: the admin listener's /clients (needs admin.inspect = true),
+    /// redrawn every interval, fastest clients first.
+    Top(TopArgs),
+}
+
+/// `veilgate top`
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The admin listener, as http://HOST:PORT.
+    #[arg(long, default_value = "http://127.0.0.1:9090")]
+    pub admin: String,
+    /// Seconds between redraws (rates are measured over the same interval).
+    #[arg(long, default_value_t = 2)]
+    pub interval: u64,
+    /// Clients shown (the fastest).
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Redraws before exiting; without it, until interrupted.
+    #[arg(long)]
+    pub count: Option<u64>,
 }
 
 /// `veilgate ca ...`

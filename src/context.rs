@@ -115,6 +115,8 @@ pub struct Context {
     pub draining: CancellationToken,
     /// Cancelled when the drain deadline passes: close every tunnel.
     pub stop: CancellationToken,
+    /// Live tunnels and recent refusals per client, filled only with `admin.inspect`.
+    pub inspect: Arc<crate::inspect::Registry>,
 }
 
 impl Context {
@@ -131,6 +133,7 @@ impl Context {
             own,
             draining: CancellationToken::new(),
             stop: CancellationToken::new(),
+            inspect: Arc::default(),
         }
     }
 

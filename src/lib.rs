@@ -33,6 +33,7 @@ pub mod detail;
 pub mod dial;
 pub mod error;
 pub mod front;
+pub mod inspect;
 pub mod io;
 pub mod limits;
 pub mod logthrottle;
@@ -47,6 +48,7 @@ pub mod server;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod target;
+pub mod top;
 pub mod tunnel;
 
 pub use config::Config;

@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
-use veilgate::cli::{CaCommand, Cli, Command, ProbeArgs, RunArgs};
+use veilgate::cli::{CaCommand, Cli, Command, ProbeArgs, RunArgs, TopArgs};
 use veilgate::config::diff::Changes;
 use veilgate::config::{DEFAULT_CONFIG, LogConfig, LogFormat};
 use veilgate::context::Shared;
@@ -51,6 +51,7 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Probe(args)) => probe(args),
+        Some(Command::Top(args)) => top(args),
         Some(Command::PrintDefaultConfig) => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
@@ -76,6 +77,38 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
     }
+}
+
+fn top(args: TopArgs) -> ExitCode {
+    use std::io::IsTerminal;
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("veilgate: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tty = std::io::stdout().is_terminal();
+    let path = format!("/clients?limit={}", args.limit.clamp(1, veilgate::inspect::MAX_LIMIT));
+    runtime.block_on(async {
+        let mut drawn = 0u64;
+        loop {
+            match veilgate::top::fetch(&args.admin, &path).await.and_then(|b| veilgate::top::render(&b)) {
+                // On a terminal each view replaces the last; piped, views follow each other.
+                Ok(view) if tty => print!("\x1b[H\x1b[2J{view}"),
+                Ok(view) => println!("{view}"),
+                Err(e) => {
+                    eprintln!("veilgate top: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            drawn += 1;
+            if args.count.is_some_and(|c| drawn >= c) {
+                return ExitCode::SUCCESS;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(args.interval.max(1))).await;
+        }
+    })
 }
 
 fn probe(args: ProbeArgs) -> ExitCode {

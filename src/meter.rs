@@ -7,9 +7,12 @@ use metrics::{Counter, Gauge};
 
 use crate::config::Mode;
 use crate::context::Context;
+use crate::inspect::Live;
 use crate::limits::{Direction, Lease, Scope, Throttle};
 use crate::mitm::observe;
 use crate::relay::Flow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Keeps `tunnels_active{mode}` right on every exit path, panics included.
 pub(crate) struct ActiveGuard(Gauge);
@@ -34,6 +37,8 @@ pub(crate) struct Meter {
     waits: [Gauge; 3],
     pub(crate) total: u64,
     pub(crate) observe: Option<observe::Side>,
+    /// This direction's live byte counter, with `admin.inspect` only.
+    live: Option<Arc<AtomicU64>>,
 }
 
 impl Meter {
@@ -43,6 +48,7 @@ impl Meter {
         mode: Mode,
         dir: Direction,
         observe: Option<observe::Side>,
+        live: Option<&Arc<Live>>,
     ) -> Meter {
         Meter {
             throttle: lease.throttle(dir),
@@ -50,6 +56,7 @@ impl Meter {
             waits: Scope::ALL.map(|s| ctx.metrics.throttle_wait(s, dir)),
             total: 0,
             observe,
+            live: live.map(|l| l.counter(dir)),
         }
     }
 }
@@ -86,5 +93,8 @@ impl Flow for Meter {
     fn written(&mut self, n: usize) {
         self.bytes.increment(n as u64);
         self.total += n as u64;
+        if let Some(live) = &self.live {
+            live.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }

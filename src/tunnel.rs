@@ -78,6 +78,13 @@ impl<C: ClientConn> Tunnel<C> {
         };
         // Admitted: from here on the tunnel caps count this connection.
         self.pending = None;
+        // In the live view from admission on (a failed dial leaves it again). The key moves
+        // in here, so it is not carried through the dial and the relay.
+        let live = shared
+            .config
+            .admin
+            .inspect
+            .then(|| ctx.inspect.register(key, self.client.addr.ip(), req.target.to_string(), route.mode));
         if let Err(r) = shared.acl.check_target(&req.target) {
             return self.refuse(r, &req).await;
         }
@@ -106,7 +113,7 @@ impl<C: ClientConn> Tunnel<C> {
         let handshake_deadline = server.header_timeout.0;
         let Tunnel { conn, client, .. } = self;
         let client_io = conn.into_io();
-        let report = Report { ctx: Arc::clone(&ctx), client, target: req.target.clone(), mode: route.mode };
+        let report = Report { ctx: Arc::clone(&ctx), client, target: req.target.clone(), mode: route.mode, live };
         if intercept {
             // Boxed: the TLS handshakes' state is large, and a blind tunnel should not carry
             // room for it for its whole life.
@@ -164,6 +171,9 @@ pub(crate) async fn refuse_with<C: ClientConn>(
     let shared = ctx.shared();
     conn.refuse(&refusal, shared.auth.as_ref().map(|a| a.realm())).await;
     ctx.metrics.refused(&refusal);
+    if shared.config.admin.inspect {
+        ctx.inspect.refused(shared.client_key(client.addr.ip()));
+    }
     if !ctx.refusal_log.allow(refusal.reason()) {
         return;
     }
@@ -186,6 +196,8 @@ struct Report {
     client: ClientId,
     target: Target,
     mode: Mode,
+    /// The tunnel's place in the live view (`admin.inspect`); leaves it when the report goes.
+    live: Option<crate::inspect::Registered>,
 }
 
 impl Report {
@@ -287,10 +299,21 @@ impl Report {
         Instruments {
             started: Instant::now(),
             _active: ActiveGuard::new(ctx.metrics.tunnels_active(self.mode)),
-            up: Meter::new(ctx, lease, self.mode, Direction::Up, watch.as_ref().map(|o| o.side(true))),
-            down: Meter::new(ctx, lease, self.mode, Direction::Down, watch.as_ref().map(|o| o.side(false))),
+            up: Meter::new(ctx, lease, self.mode, Direction::Up, watch.as_ref().map(|o| o.side(true)), self.live()),
+            down: Meter::new(
+                ctx,
+                lease,
+                self.mode,
+                Direction::Down,
+                watch.as_ref().map(|o| o.side(false)),
+                self.live(),
+            ),
             watch,
         }
+    }
+
+    fn live(&self) -> Option<&Arc<crate::inspect::Live>> {
+        self.live.as_ref().map(|l| l.live())
     }
 
     /// Closes the observation (MITM) and reports the relay's end.

@@ -10,6 +10,7 @@
 //! With no file veilgate runs on [`DEFAULT_CONFIG`], the documented file shipped as
 //! `config/veilgate.toml`. Missing keys in a user's file take the same defaults.
 
+mod admin;
 mod auth;
 mod cluster;
 pub mod diff;
@@ -28,6 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use admin::AdminConfig;
 pub use auth::AuthConfig;
 pub use cluster::{ClusterBackend, ClusterConfig, FailMode, RedisUrl};
 pub use dns::{DnsConfig, HostAddrs};
@@ -118,6 +120,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Where caps are decided when several instances share them.
     pub cluster: ClusterConfig,
+    /// What the admin listener offers beyond health and metrics.
+    pub admin: AdminConfig,
 }
 
 impl Config {

@@ -178,7 +178,9 @@ impl Governor {
     pub async fn admit(&self, req: AdmitRequest<'_>) -> Result<Lease, Refusal> {
         match &self.backend {
             Backend::Local(local) => local.admit(&req),
-            Backend::Cluster(cluster) => cluster.admit(&req).await,
+            // Boxed: its Redis round trips' state would otherwise sit inline in every
+            // tunnel's task, also on the local backend, for the tunnel's whole life.
+            Backend::Cluster(cluster) => Box::pin(cluster.admit(&req)).await,
         }
     }
 

@@ -675,7 +675,8 @@ pub fn garbage_cases(port: u16) -> Vec<(&'static str, Vec<u8>, u16, &'static str
         ("port_zero", b"CONNECT 127.0.0.1:0 HTTP/1.1\r\n\r\n".to_vec(), 400, bad),
         ("userinfo", format!("CONNECT user:pw@{ok} HTTP/1.1\r\n\r\n").into_bytes(), 400, bad),
         ("http2_version", format!("CONNECT {ok} HTTP/2.0\r\n\r\n").into_bytes(), 400, bad),
-        ("binary", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n".to_vec(), 400, bad),
+        // A TLS record where a request line belongs: a client set up for an HTTPS proxy.
+        ("tls_hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n".to_vec(), 400, "tls_on_plaintext"),
         ("header_no_colon", format!("CONNECT {ok} HTTP/1.1\r\nBad Header\r\n\r\n").into_bytes(), 400, bad),
         ("bare_lf_garbage", b"\x01\x02\x03 \x04\n\n".to_vec(), 400, bad),
         (
