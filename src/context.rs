@@ -71,7 +71,8 @@ impl Shared {
         };
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
             (Some(cert), Some(key)) if !config.server.tls_listen.is_empty() => {
-                Some(crate::front::tls::load(cert, key).map_err(LoadError::Tls)?)
+                let client_ca = config.server.tls_client_ca.as_deref().map(|p| (p, config.server.tls_client_auth));
+                Some(crate::front::tls::load(cert, key, client_ca).map_err(LoadError::Tls)?)
             }
             _ => None,
         };

@@ -45,7 +45,11 @@ impl<C: ClientConn> Tunnel<C> {
         let ctx = Arc::clone(&self.ctx);
         let server = &shared.config.server;
         let key = match &shared.auth {
-            None => shared.client_key(self.client.addr.ip()),
+            // A verified client certificate names the client when no [auth] user does.
+            None => match &self.client.identity {
+                Some(id) => ClientKey::User(Arc::clone(id)),
+                None => shared.client_key(self.client.addr.ip()),
+            },
             Some(auth) => {
                 // Before the credentials are even looked at: they have crossed in the clear
                 // already, and a 407 would only ask for them again.
@@ -425,7 +429,7 @@ mod size {
         let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let shared = Shared::build(Config::default(), &[]).unwrap();
         let ctx = std::sync::Arc::new(Context::new(shared, vec![], &[]));
-        let client = crate::front::ClientId { addr: "127.0.0.1:1".parse().unwrap() };
+        let client = crate::front::ClientId::at("127.0.0.1:1".parse().unwrap());
         let fut = crate::front::h1::serve(ctx, c, client, None);
         let size = std::mem::size_of_val(&fut);
         eprintln!("tunnel future: {size} bytes");

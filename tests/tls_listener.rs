@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::net::IpAddr;
 use std::path::Path;
 
 use common::tls::TestPki;
@@ -189,4 +190,84 @@ async fn curl_speaks_to_the_https_proxy() {
     let out = bounded(out).await.unwrap();
     assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "through TLS\n");
+}
+
+fn as_client(pki: &TestPki, cn: &str) -> Front {
+    Front::Tls { config: pki.client_config_as(cn), name: ServerName::try_from("localhost").unwrap() }
+}
+
+fn client_ca(dir: &Path, pki: &TestPki, auth: &str) -> String {
+    let ca = dir.join("clients-ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    format!("tls_client_ca = \"{}\"\ntls_client_auth = \"{auth}\"\n", ca.display())
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_the_identity_limits_key_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let origin = Origin::echo().await;
+    let (cert, key) = pki.write_pair(dir.path());
+    let text = format!(
+        "[server]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}[limits.per_client]\nmax_tunnels = 1\n{}",
+        cert.display(),
+        key.display(),
+        client_ca(dir.path(), &pki, "required"),
+        loopback_policy(&[origin.port()])
+    );
+    let proxy = TestProxy::start(&text).await;
+    let target = format!("127.0.0.1:{}", origin.port());
+    let a: IpAddr = "127.0.0.2".parse().unwrap();
+    let b: IpAddr = "127.0.0.3".parse().unwrap();
+    // Carol from two addresses is one client: her second tunnel is over her cap.
+    let (head, _carol) = connect_over(&as_client(&pki, "carol"), proxy.tls[0], Some(a), &target).await;
+    assert_eq!(head.status, 200);
+    let (head, _) = connect_over(&as_client(&pki, "carol"), proxy.tls[0], Some(b), &target).await;
+    assert_eq!(head.status, 429, "carol is keyed by her certificate, not her address");
+    // Dave, from carol's first address, is someone else.
+    let (head, _dave) = connect_over(&as_client(&pki, "dave"), proxy.tls[0], Some(a), &target).await;
+    assert_eq!(head.status, 200);
+    // Required: no certificate, no session; a certificate from another CA neither.
+    assert!(no_session(proxy.tls[0], &tls_front(&pki), &target).await, "no certificate");
+    let stranger = TestPki::new();
+    let forged =
+        Front::Tls { config: stranger.client_config_as("carol"), name: ServerName::try_from("localhost").unwrap() };
+    assert!(no_session(proxy.tls[0], &forged, &target).await, "a certificate of another CA");
+    assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"tls_handshake_failed\"}").await, 2.0);
+}
+
+/// Whether the listener refuses `front` a session. In TLS 1.3 the server judges the client's
+/// certificate after the client has finished its side, so the refusal shows on first use.
+async fn no_session(listener: std::net::SocketAddr, front: &Front, target: &str) -> bool {
+    let Ok(mut c) = Client::open(listener, None, front).await else { return true };
+    let req = format!("CONNECT {target} HTTP/1.1\r\n\r\n");
+    if c.write_all(req.as_bytes()).await.is_err() || c.flush().await.is_err() {
+        return true;
+    }
+    let mut buf = [0u8; 64];
+    matches!(bounded(c.read(&mut buf)).await, Err(_) | Ok(0))
+}
+
+#[tokio::test]
+async fn optional_client_certificates_serve_clients_without_one_by_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let origin = Origin::echo().await;
+    let (cert, key) = pki.write_pair(dir.path());
+    let text = format!(
+        "[server]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}[limits.per_client]\nmax_tunnels = 1\n{}",
+        cert.display(),
+        key.display(),
+        client_ca(dir.path(), &pki, "optional"),
+        loopback_policy(&[origin.port()])
+    );
+    let proxy = TestProxy::start(&text).await;
+    let target = format!("127.0.0.1:{}", origin.port());
+    let a: IpAddr = "127.0.0.2".parse().unwrap();
+    let (head, _anon) = connect_over(&tls_front(&pki), proxy.tls[0], Some(a), &target).await;
+    assert_eq!(head.status, 200, "no certificate: served");
+    let (head, _) = connect_over(&tls_front(&pki), proxy.tls[0], Some(a), &target).await;
+    assert_eq!(head.status, 429, "and keyed by its address");
+    let (head, _carol) = connect_over(&as_client(&pki, "carol"), proxy.tls[0], Some(a), &target).await;
+    assert_eq!(head.status, 200, "a certificate from the same address is its own client");
 }

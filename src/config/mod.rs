@@ -39,7 +39,7 @@ pub use mitm::MitmConfig;
 pub use policy::PolicyConfig;
 pub use proxy_protocol::{ProxyProtocol, validate_proxy_protocol};
 pub use routes::{Mode, RouteConfig, RouteLimits};
-pub use server::ServerConfig;
+pub use server::{ServerConfig, TlsClientAuth};
 pub use units::{ByteRate, HumanDuration, PortRange};
 
 /// Longest timeout accepted: longer ones are mistakes, and far longer ones overflow clocks.
@@ -153,7 +153,9 @@ impl Config {
         if let Some(a) = &mut self.auth {
             a.credentials_file = under(&a.credentials_file);
         }
-        for p in [&mut self.server.tls_cert, &mut self.server.tls_key].into_iter().flatten() {
+        for p in
+            [&mut self.server.tls_cert, &mut self.server.tls_key, &mut self.server.tls_client_ca].into_iter().flatten()
+        {
             *p = under(p);
         }
         if let Some(m) = &mut self.mitm {

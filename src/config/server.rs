@@ -49,6 +49,24 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`; refused when group or others may read it.
     pub tls_key: Option<PathBuf>,
+    /// PEM roots that client certificates on `tls_listen` must chain to. A verified
+    /// certificate's identity (its subject CN, else an email or URI name) keys the client's
+    /// limits when no `[auth]` user does.
+    pub tls_client_ca: Option<PathBuf>,
+    /// With `tls_client_ca`: `"required"` refuses a handshake without a valid certificate;
+    /// `"optional"` also serves clients without one (by address), and still refuses a bad one.
+    pub tls_client_auth: TlsClientAuth,
+}
+
+/// `server.tls_client_auth`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsClientAuth {
+    /// Every client presents a certificate that chains to `tls_client_ca`.
+    #[default]
+    Required,
+    /// A client may present one; without one it is known by its address.
+    Optional,
 }
 
 impl ServerConfig {
@@ -109,6 +127,12 @@ impl ServerConfig {
     fn validate_tls(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |key: &str, problem: String| ConfigError::invalid(origin, key, problem);
         if self.tls_listen.is_empty() {
+            if self.tls_client_ca.is_some() {
+                return Err(invalid(
+                    "server.tls_client_ca",
+                    "client certificates need a TLS listener (tls_listen)".into(),
+                ));
+            }
             if self.tls_cert.is_some() || self.tls_key.is_some() {
                 return Err(invalid("server.tls_cert", "tls_cert and tls_key are used only with tls_listen".into()));
             }
@@ -155,6 +179,8 @@ impl Default for ServerConfig {
             tls_listen: Vec::new(),
             tls_cert: None,
             tls_key: None,
+            tls_client_ca: None,
+            tls_client_auth: TlsClientAuth::Required,
         }
     }
 }

@@ -73,7 +73,7 @@ pub(crate) fn accepted(ctx: &Arc<Context>, tracker: &TaskTracker, stream: TcpStr
     match ctx.pending.enter(shared.client_key(peer.ip()), shared.config.server.max_pending) {
         Ok(permit) => {
             let span = info_span!("conn", id = super::next_id());
-            let client = ClientId { addr: peer };
+            let client = ClientId::at(peer);
             tracker.spawn(serve(Arc::clone(ctx), stream, client, Some(permit)).instrument(span));
         }
         Err(why) => turn_away(ctx, &stream, why),

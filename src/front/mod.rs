@@ -14,6 +14,7 @@ pub mod tls;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -43,13 +44,24 @@ impl ClientIo for TcpStream {
 }
 
 /// Who the client is, as its front established it: what limits, authentication attempts
-/// and logs go by. Made in one of two places, by `server.proxy_protocol`: the TCP peer at
-/// accept (`h1::accepted`), or the source a balancer's PROXY header carries
-/// ([`proxy_protocol`]); everything after reads it from here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// and logs go by. Made in one of three places: the TCP peer at accept (`h1::accepted`), the
+/// source a balancer's PROXY header carries ([`proxy_protocol`]), or a TLS listener's
+/// handshake, which adds a verified client certificate's identity ([`tls`]); everything after
+/// reads it from here.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientId {
     /// The client's address (never a metric label; logged only as `log.client_address` allows).
     pub addr: SocketAddr,
+    /// A verified client certificate's identity (`server.tls_client_ca`): what limits key the
+    /// client by when no `[auth]` user names it.
+    pub identity: Option<Arc<str>>,
+}
+
+impl ClientId {
+    /// A client known by its address alone.
+    pub fn at(addr: SocketAddr) -> ClientId {
+        ClientId { addr, identity: None }
+    }
 }
 
 /// A client connection past its head: it answers the request in its front's protocol, then

@@ -317,10 +317,10 @@ async fn header_phase(
     };
     ctx.metrics.proxy_header(header.kind());
     let client = match header {
-        Header::Proxied(addr) => ClientId { addr },
+        Header::Proxied(addr) => ClientId::at(addr),
         Header::Unknown => {
             debug!("PROXY header names no address (UNKNOWN or UNSPEC): the balancer is the client");
-            ClientId { addr: peer }
+            ClientId::at(peer)
         }
         Header::Local => {
             debug!("PROXY LOCAL (a balancer's health check): closed");
@@ -513,7 +513,7 @@ mod tests {
         let fut = serve(Arc::clone(&ctx), c, "127.0.0.1:1".parse().unwrap(), permit);
         let size = std::mem::size_of_val(&fut);
         let c2 = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let plain = std::mem::size_of_val(&h1::serve(ctx, c2, ClientId { addr: "127.0.0.1:1".parse().unwrap() }, None));
+        let plain = std::mem::size_of_val(&h1::serve(ctx, c2, ClientId::at("127.0.0.1:1".parse().unwrap()), None));
         eprintln!("tunnel future behind a PROXY header: {size} bytes (plain: {plain})");
         assert!(size < 4 * 1024, "tunnel future is {size} bytes");
     }

@@ -17,8 +17,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -26,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span};
 
 use super::{ClientId, ClientIo};
+use crate::config::TlsClientAuth;
 use crate::context::Context;
 use crate::error::{Refusal, Unanswered};
 use crate::mitm::ca::{self, CaError};
@@ -44,7 +46,11 @@ impl ClientIo for TlsStream<TcpStream> {
 /// 1.3 (rustls offers nothing older), ALPN `http/1.1`. HTTP/2 is not offered until the
 /// HTTP/2 CONNECT front exists: a client that negotiated it would send frames this front
 /// cannot read.
-pub fn load(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, CaError> {
+pub fn load(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<(&Path, TlsClientAuth)>,
+) -> Result<Arc<rustls::ServerConfig>, CaError> {
     let chain = ca::read_pem_certs(cert)?;
     if chain.is_empty() {
         return Err(CaError::Tls(format!("{}: no certificate in the file", cert.display())));
@@ -52,8 +58,27 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, CaErro
     let pem = ca::read_private(key)?;
     let key_der = PrivateKeyDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| CaError::Tls(format!("{}: no usable private key: {e}", key.display())))?;
-    let mut cfg = rustls::ServerConfig::builder()
-        .with_no_client_auth()
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some((path, auth)) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in ca::read_pem_certs(path)? {
+                roots.add(c).map_err(|e| CaError::Tls(format!("{}: {e}", path.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(CaError::Tls(format!("{}: no certificate in the file", path.display())));
+            }
+            let verifier = WebPkiClientVerifier::builder(Arc::new(roots));
+            let verifier = match auth {
+                TlsClientAuth::Required => verifier,
+                TlsClientAuth::Optional => verifier.allow_unauthenticated(),
+            };
+            let verifier = verifier.build().map_err(|e| CaError::Tls(format!("{}: {e}", path.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder
         .with_single_cert(chain, key_der)
         .map_err(|e| CaError::Tls(format!("{} and {}: {e}", cert.display(), key.display())))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -71,7 +96,7 @@ pub(crate) fn accepted(ctx: &Arc<Context>, tracker: &TaskTracker, stream: TcpStr
     match ctx.pending.enter(shared.client_key(peer.ip()), shared.config.server.max_pending) {
         Ok(permit) => {
             let span = info_span!("conn", id = super::next_id(), tls = true);
-            let client = ClientId { addr: peer };
+            let client = ClientId::at(peer);
             let ctx = Arc::clone(ctx);
             tracker.spawn(
                 async move {
@@ -83,6 +108,7 @@ pub(crate) fn accepted(ctx: &Arc<Context>, tracker: &TaskTracker, stream: TcpStr
                     };
                     match handshake {
                         Ok(Some(tls)) => {
+                            let client = ClientId { identity: identity(&tls), ..client };
                             super::h1::serve_after(ctx, tls, client, Some(permit), Vec::new(), started.elapsed()).await
                         }
                         Ok(None) => {}
@@ -122,6 +148,24 @@ async fn handshake(
             None
         }
     }
+}
+
+/// The identity of the client's verified certificate, if it sent one: the subject's common
+/// name, else its first email or URI name. rustls has verified the chain before this runs
+/// (a certificate it could not verify ends the handshake), so what is read here is trusted.
+fn identity(tls: &TlsStream<TcpStream>) -> Option<Arc<str>> {
+    let leaf: &CertificateDer = tls.get_ref().1.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    if let Some(cn) = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()) {
+        return Some(Arc::from(cn));
+    }
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::RFC822Name(s) | x509_parser::extensions::GeneralName::URI(s) => {
+            Some(Arc::from(*s))
+        }
+        _ => None,
+    })
 }
 
 /// Counts and logs (within the refusal log's rate) a handshake that did not complete.

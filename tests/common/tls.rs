@@ -18,6 +18,8 @@ pub struct TestPki {
     /// The leaf and its key as PEM, for a listener configured by file.
     pub leaf_pem: String,
     pub leaf_key_pem: String,
+    /// The CA, to sign client certificates.
+    issuer: Issuer<'static, KeyPair>,
 }
 
 impl TestPki {
@@ -33,6 +35,7 @@ impl TestPki {
         let leaf_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
         TestPki {
+            issuer,
             leaf_pem: leaf.pem(),
             leaf_key_pem: leaf_key.serialize_pem(),
             ca_pem: ca_cert.pem(),
@@ -62,6 +65,26 @@ impl TestPki {
             .unwrap();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(cfg)
+    }
+
+    /// A client configuration that trusts this CA and presents a client certificate, signed
+    /// by it, whose subject CN is `cn`.
+    pub fn client_config_as(&self, cn: &str) -> Arc<rustls::ClientConfig> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(
+                    vec![cert.der().clone()],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+                )
+                .unwrap(),
+        )
     }
 
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
