@@ -76,7 +76,7 @@ pub enum CaCommand {
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
     /// The proxy, as http://HOST:PORT or http://USER:PASSWORD@HOST:PORT (userinfo
-    /// percent-encoded: `@` is %40, `:` is %3A).
+    /// percent-encoded: `@` is %40, `:` is %3A); https://... for a TLS listener.
     #[arg(long)]
     pub proxy: String,
     /// Credentials for the proxy, as USER:PASSWORD (instead of putting them in --proxy).
@@ -91,6 +91,10 @@ pub struct ProbeArgs {
     /// Roots to verify against (PEM); default: the system's.
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// Roots the proxy's certificate must chain to, for an https:// proxy (PEM); default: the
+    /// system's.
+    #[arg(long)]
+    pub proxy_ca_file: Option<PathBuf>,
 }
 
 /// Where the configuration comes from.

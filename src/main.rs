@@ -129,7 +129,8 @@ fn probe(args: ProbeArgs) -> ExitCode {
         },
         None => None,
     };
-    let opts = veilgate::probe::Options { proxy_user: args.proxy_user.clone(), dns };
+    let opts =
+        veilgate::probe::Options { proxy_user: args.proxy_user.clone(), dns, proxy_ca: args.proxy_ca_file.clone() };
     match runtime.block_on(veilgate::probe::probe_with(&args.proxy, &args.origin, args.ca_file.as_ref(), &opts)) {
         Ok(report) => {
             print!("{}", report.render());

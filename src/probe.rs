@@ -136,6 +136,9 @@ pub struct Options {
     /// The configuration's `[dns]` (`-c`): the direct path then resolves the origin as the
     /// proxy does (static `hosts` first), so both paths reach the same machine.
     pub dns: Option<DnsConfig>,
+    /// Roots the proxy's own certificate must chain to, for an `https://` proxy URL
+    /// (`--proxy-ca-file`); without, the system's roots.
+    pub proxy_ca: Option<PathBuf>,
 }
 
 /// Runs the probe. `proxy` is `http://HOST:PORT`; `origin` is `https://HOST[:PORT][/...]`.
@@ -162,22 +165,25 @@ pub struct ProxyUrl {
     pub addr: String,
     /// `user:password`, percent-decoded, from the URL's userinfo.
     pub credentials: Option<String>,
+    /// `https://`: TLS to the proxy (veilgate's `server.tls_listen`), CONNECT inside it.
+    pub tls: bool,
 }
 
 impl ProxyUrl {
-    /// Parses `http://[user[:password]@]HOST:PORT[/]`. Userinfo is percent-decoded (a `@` or
-    /// `:` in a password is written `%40`, `%3A`).
+    /// Parses `http[s]://[user[:password]@]HOST:PORT[/]`. Userinfo is percent-decoded (a `@`
+    /// or `:` in a password is written `%40`, `%3A`).
     pub fn parse(url: &str) -> Result<ProxyUrl, ProbeError> {
-        if url.starts_with("https://") {
-            return Err(fail("a TLS (https://) proxy URL is not supported yet: veilgate's listener speaks plain HTTP"));
-        }
-        let rest = url.strip_prefix("http://").unwrap_or(url).trim_end_matches('/');
+        let (tls, rest) = match url.strip_prefix("https://") {
+            Some(rest) => (true, rest),
+            None => (false, url.strip_prefix("http://").unwrap_or(url)),
+        };
+        let rest = rest.trim_end_matches('/');
         let (userinfo, addr) = match rest.rsplit_once('@') {
             Some((u, a)) => (Some(u), a),
             None => (None, rest),
         };
         if addr.is_empty() || addr.contains('/') {
-            return Err(fail(format!("the proxy must be http://[user:password@]HOST:PORT, not {url:?}")));
+            return Err(fail(format!("the proxy must be http[s]://[user:password@]HOST:PORT, not {url:?}")));
         }
         let credentials = match userinfo {
             None => None,
@@ -186,7 +192,7 @@ impl ProxyUrl {
                 Some(format!("{}:{}", percent_decode(user)?, percent_decode(pass)?))
             }
         };
-        Ok(ProxyUrl { addr: addr.to_string(), credentials })
+        Ok(ProxyUrl { addr: addr.to_string(), credentials, tls })
     }
 }
 
@@ -229,7 +235,8 @@ async fn run(proxy: &str, origin: &str, ca_file: Option<&PathBuf>, opts: &Option
     let (seen_direct, mut tls) = handshake(direct_tcp, name.clone(), &roots).await?;
     let hsts = fetch_hsts(&mut tls, &host).await;
 
-    let mut tcp = timed(TcpStream::connect(proxy.addr.as_str()), "connecting to the proxy").await?;
+    let tcp = timed(TcpStream::connect(proxy.addr.as_str()), "connecting to the proxy").await?;
+    let mut tcp: Box<dyn Io> = if proxy.tls { Box::new(to_proxy(tcp, &proxy, opts).await?) } else { Box::new(tcp) };
     let auth = credentials
         .map(|c| format!("Proxy-Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(c)))
         .unwrap_or_default();
@@ -249,6 +256,28 @@ async fn run(proxy: &str, origin: &str, ca_file: Option<&PathBuf>, opts: &Option
     }
     let (seen_proxied, _) = handshake(tcp, name, &roots).await?;
     Ok(Report { direct: seen_direct, proxied: seen_proxied, hsts })
+}
+
+/// Any stream the probe speaks through: TCP to the proxy, or TLS to it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// TLS to an `https://` proxy, verified against `--proxy-ca-file` or the system's roots.
+async fn to_proxy(
+    tcp: TcpStream,
+    proxy: &ProxyUrl,
+    opts: &Options,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ProbeError> {
+    let roots = Arc::new(load_roots(opts.proxy_ca.as_ref())?);
+    let host = proxy.addr.rsplit_once(':').map_or(proxy.addr.as_str(), |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ServerName::IpAddress(ip.into()),
+        Err(_) => ServerName::try_from(host.to_string()).map_err(|e| fail(format!("proxy {host}: {e}")))?,
+    };
+    let mut cfg = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    timed(TlsConnector::from(Arc::new(cfg)).connect(name, tcp), "TLS handshake with the proxy").await
 }
 
 /// The direct path: with `[dns]`, resolved as the proxy resolves (special-use names, static
@@ -299,11 +328,11 @@ fn load_roots(ca_file: Option<&PathBuf>) -> Result<RootCertStore, ProbeError> {
     Ok(roots)
 }
 
-async fn handshake(
-    tcp: TcpStream,
+async fn handshake<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    tcp: S,
     name: ServerName<'static>,
     roots: &Arc<RootCertStore>,
-) -> Result<(Seen, tokio_rustls::client::TlsStream<TcpStream>), ProbeError> {
+) -> Result<(Seen, tokio_rustls::client::TlsStream<S>), ProbeError> {
     let inner = WebPkiServerVerifier::builder(Arc::clone(roots)).build().map_err(|e| fail(e.to_string()))?;
     let recorder = Arc::new(Recorder { inner, seen: Mutex::new(None) });
     let mut cfg =
@@ -402,11 +431,15 @@ mod tests {
     #[test]
     fn proxy_urls_carry_percent_decoded_credentials() {
         let u = ProxyUrl::parse("http://alice:p%40ss%3Aword@127.0.0.1:8080/").unwrap();
-        assert_eq!(u, ProxyUrl { addr: "127.0.0.1:8080".into(), credentials: Some("alice:p@ss:word".into()) });
+        assert_eq!(
+            u,
+            ProxyUrl { addr: "127.0.0.1:8080".into(), credentials: Some("alice:p@ss:word".into()), tls: false }
+        );
         assert_eq!(ProxyUrl::parse("127.0.0.1:8080").unwrap().credentials, None);
         assert_eq!(ProxyUrl::parse("http://bob@[::1]:3128").unwrap().credentials.as_deref(), Some("bob:"));
         assert!(ProxyUrl::parse("http://a:%4@h:1").is_err());
-        assert!(ProxyUrl::parse("https://h:1").is_err());
+        let t = ProxyUrl::parse("https://carol:x@localhost:8443").unwrap();
+        assert_eq!((t.addr.as_str(), t.credentials.as_deref(), t.tls), ("localhost:8443", Some("carol:x"), true));
         assert!(ProxyUrl::parse("http://h:1/path").is_err());
     }
 }

@@ -175,7 +175,7 @@ async fn the_probe_authenticates_and_resolves_with_the_config() {
     let bare = format!("http://{}", proxy.addr);
     let err = bounded(probe_with(&bare, &target, Some(&roots), &Options::default())).await.unwrap_err();
     assert!(err.to_string().contains("407 ") && err.to_string().contains("--proxy-user"), "{err}");
-    let wrong = Options { proxy_user: Some("alice:nope".into()), dns: None };
+    let wrong = Options { proxy_user: Some("alice:nope".into()), dns: None, proxy_ca: None };
     let err = bounded(probe_with(&bare, &target, Some(&roots), &wrong)).await.unwrap_err();
     assert!(err.to_string().contains("did not accept these credentials"), "{err}");
     assert_eq!(refusals(&proxy, "auth_required").await, 2.0);

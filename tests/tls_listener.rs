@@ -271,3 +271,26 @@ async fn optional_client_certificates_serve_clients_without_one_by_address() {
     let (head, _carol) = connect_over(&as_client(&pki, "carol"), proxy.tls[0], Some(a), &target).await;
     assert_eq!(head.status, 200, "a certificate from the same address is its own client");
 }
+
+/// `veilgate probe --proxy https://...`: TLS to the proxy, CONNECT inside it, and the origin's
+/// handshake inside that tunnel.
+#[tokio::test]
+async fn the_probe_speaks_to_the_https_proxy() {
+    use common::tls::RecordingOrigin;
+    use veilgate::probe::{Options, Verdict, probe_with};
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let origin = RecordingOrigin::start(&pki).await;
+    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.addr.port(), "")).await;
+    let roots = dir.path().join("roots.pem");
+    std::fs::write(&roots, &pki.ca_pem).unwrap();
+    let opts = Options { proxy_ca: Some(roots.clone()), ..Options::default() };
+    let via = format!("https://localhost:{}", proxy.tls[0].port());
+    let target = format!("https://127.0.0.1:{}", origin.addr.port());
+    let report = bounded(probe_with(&via, &target, Some(&roots), &opts)).await.unwrap();
+    assert_eq!(report.verdict(), Verdict::BlindTunnel, "{}", report.render());
+    // A proxy certificate the probe does not trust is an error, not a verdict.
+    let err = bounded(probe_with(&via, &target, Some(&roots), &Options::default())).await.unwrap_err();
+    assert!(err.to_string().contains("TLS handshake with the proxy"), "{err}");
+}
