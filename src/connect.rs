@@ -10,7 +10,7 @@ use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::error::Refusal;
-use crate::target::{Target, TargetError};
+use crate::target::Target;
 
 /// Most header lines accepted; more is treated like an oversized head (431).
 pub const MAX_HEADERS: usize = 64;
@@ -67,14 +67,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Parsed, Refusal> {
         return Err(Refusal::MethodNotAllowed);
     }
     let authority = req.path.unwrap_or_default();
-    let target = Target::parse(authority).map_err(|e| {
-        Refusal::BadRequest(match e {
-            TargetError::MissingPort => "target has no port",
-            TargetError::BadPort => "target port is not in 1-65535",
-            TargetError::Userinfo => "target carries userinfo",
-            TargetError::BadHost => "target host is malformed",
-        })
-    })?;
+    let target = Target::parse(authority).map_err(|e| Refusal::BadRequest(e.reason()))?;
     let proxy_authorization =
         req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("proxy-authorization")).map(|h| h.value.to_vec());
     Ok(Parsed::Complete(ConnectRequest {

@@ -46,6 +46,19 @@ pub enum TargetError {
     BadHost,
 }
 
+impl TargetError {
+    /// The text of the 400 a bad target gets (a fixed string: the target itself is the
+    /// peer's and is not echoed).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TargetError::MissingPort => "target has no port",
+            TargetError::BadPort => "target port is not in 1-65535",
+            TargetError::Userinfo => "target carries userinfo",
+            TargetError::BadHost => "target host is malformed",
+        }
+    }
+}
+
 impl Target {
     /// Parses an authority-form request target such as `example.com:443` or `[::1]:443`.
     pub fn parse(authority: &str) -> Result<Target, TargetError> {

@@ -56,6 +56,9 @@ pub struct ServerConfig {
     /// With `tls_client_ca`: `"required"` refuses a handshake without a valid certificate;
     /// `"optional"` also serves clients without one (by address), and still refuses a bad one.
     pub tls_client_auth: TlsClientAuth,
+    /// Concurrent CONNECT streams on one HTTP/2 connection to the TLS listener
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS); every stream is also under the client's caps.
+    pub h2_max_streams: u32,
 }
 
 /// `server.tls_client_auth`.
@@ -149,6 +152,9 @@ impl ServerConfig {
                 return Err(invalid("server.tls_listen", format!("{a} is already a listener")));
             }
         }
+        if self.h2_max_streams == 0 {
+            return Err(invalid("server.h2_max_streams", "must be at least 1".into()));
+        }
         if self.proxy_protocol == ProxyProtocol::Required {
             return Err(invalid(
                 "server.tls_listen",
@@ -181,6 +187,7 @@ impl Default for ServerConfig {
             tls_key: None,
             tls_client_ca: None,
             tls_client_auth: TlsClientAuth::Required,
+            h2_max_streams: 100,
         }
     }
 }

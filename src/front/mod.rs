@@ -8,6 +8,7 @@
 //! is the plain HTTP/1 front, [`h1`].
 
 pub mod h1;
+pub mod h2;
 pub mod proxy_protocol;
 pub mod tls;
 

@@ -43,9 +43,8 @@ impl ClientIo for TlsStream<TcpStream> {
 }
 
 /// Loads the listener's certificate chain and key into a server configuration: TLS 1.2 and
-/// 1.3 (rustls offers nothing older), ALPN `http/1.1`. HTTP/2 is not offered until the
-/// HTTP/2 CONNECT front exists: a client that negotiated it would send frames this front
-/// cannot read.
+/// 1.3 (rustls offers nothing older), ALPN `h2` (HTTP/2 CONNECT, [`super::h2`]) and
+/// `http/1.1`.
 pub fn load(
     cert: &Path,
     key: &Path,
@@ -81,7 +80,7 @@ pub fn load(
     let mut cfg = builder
         .with_single_cert(chain, key_der)
         .map_err(|e| CaError::Tls(format!("{} and {}: {e}", cert.display(), key.display())))?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
 
@@ -109,6 +108,13 @@ pub(crate) fn accepted(ctx: &Arc<Context>, tracker: &TaskTracker, stream: TcpStr
                     match handshake {
                         Ok(Some(tls)) => {
                             let client = ClientId { identity: identity(&tls), ..client };
+                            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                // Past the handshake the connection is no longer one head in
+                                // flight: each stream is admitted on its own.
+                                drop(permit);
+                                let left = deadline.saturating_sub(started.elapsed());
+                                return super::h2::serve(ctx, tls, client, left).await;
+                            }
                             super::h1::serve_after(ctx, tls, client, Some(permit), Vec::new(), started.elapsed()).await
                         }
                         Ok(None) => {}
