@@ -3,7 +3,8 @@
 //! limits through a real `redis-server`: the PROXY source is the limiter key across the fleet
 //! (and with `backend = "local"` each instance counts alone), a connection that goes round
 //! HAProxy is refused, and a Redis that stops answering (`SIGSTOP`) gets every admission
-//! answered at once by the fail mode until `SIGCONT` brings the cluster limits back. Without
+//! answered at once by the fail mode until `SIGCONT` brings the cluster limits back; an
+//! instance that drains leaves HAProxy's pool through its `/readyz`. Without
 //! `redis-server` or `haproxy` each test says SKIPPED on stderr and returns.
 
 mod common;
@@ -263,4 +264,50 @@ async fn behind_haproxy_a_stopped_redis_gets_fast_503s_and_sigcont_brings_the_cl
     for s in &mut held {
         echoes(s).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_a_draining_instance_leaves_the_pool_and_its_clients_go_elsewhere() {
+    let test = "behind_haproxy_a_draining_instance_leaves_the_pool_and_its_clients_go_elsewhere";
+    let Some(redis) = RedisServer::start(test) else { return };
+    let origin = Origin::echo().await;
+    let cluster = redis_cluster(&redis, "closed", "200ms");
+    let mut instances = Vec::new();
+    for _ in 0..INSTANCES {
+        let p = TestProxy::start(&instance_config(&cluster, &origin)).await;
+        wait_mode(&p, "redis").await;
+        instances.push(p);
+    }
+    let Some(haproxy) = start_haproxy(test, &instances).await else { return };
+    let (statuses, mut held) = attempts(haproxy.front, "127.0.0.2", &origin, 1).await;
+    assert_eq!(statuses, [200]);
+    let draining = instances.iter().position(|p| p.controller.active_for_ip(ip("127.0.0.2")) == 1).unwrap();
+    let addr = instances[draining].addr;
+    let stopped = instances[draining].begin_shutdown();
+    // veilgate closes its listener as the drain starts (no grace between /readyz 503 and the
+    // close), so until HAProxy's check sees the 503 a connection may be sent to it and refused:
+    // `retries` + `option redispatch` must take it to another instance.
+    eventually("the draining listener refuses", async || TcpStream::connect(addr).await.is_err(), |r| *r).await;
+    let (statuses, more) = attempts(haproxy.front, "127.0.0.3", &origin, 3).await;
+    assert_eq!(statuses, [200, 200, 200], "redispatched while HAProxy still counts it in");
+    held.extend(more);
+    let name = format!("vg{}", draining + 1);
+    let seen = eventually(
+        "HAProxy takes the draining instance out through its /readyz",
+        async || haproxy.server_status("veilgate"),
+        |s| s.iter().any(|(n, st)| *n == name && st == "DOWN"),
+    )
+    .await;
+    assert!(seen.iter().filter(|(_, st)| st == "UP").count() == INSTANCES - 1, "{seen:?}");
+    assert_eq!(instances[draining].admin_get("/readyz").await.0, 503);
+    let (statuses, more) = attempts(haproxy.front, "127.0.0.4", &origin, 3).await;
+    assert_eq!(statuses, [200, 200, 200], "the others serve");
+    held.extend(more);
+    // Its running tunnel is never cut by leaving the pool; the drain ends when it does.
+    for s in &mut held {
+        echoes(s).await;
+    }
+    assert!(!stopped.is_finished(), "still draining while its tunnel runs");
+    held.remove(0);
+    bounded(stopped).await.unwrap();
 }
