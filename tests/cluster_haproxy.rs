@@ -28,13 +28,17 @@ fn ip(s: &str) -> IpAddr {
 }
 
 /// One instance's config: PROXY protocol required from HAProxy (127.0.0.1), a per-client cap
-/// of [`CAP`], and `cluster` as the `[cluster]` body.
-fn instance_config(cluster: &str, origin: &Origin) -> String {
+/// of [`CAP`] and `per_client` more of that table, and `cluster` as the `[cluster]` body.
+fn instance_config_with(cluster: &str, origin: &Origin, per_client: &str) -> String {
     format!(
         "[server]\nproxy_protocol = \"required\"\nproxy_protocol_from = [\"127.0.0.1/32\"]\n\
-         [cluster]\n{cluster}\n[limits.per_client]\nmax_tunnels = {CAP}\n{}",
+         [cluster]\n{cluster}\n[limits.per_client]\nmax_tunnels = {CAP}\n{per_client}\n{}",
         loopback_policy(&[origin.port()])
     )
+}
+
+fn instance_config(cluster: &str, origin: &Origin) -> String {
+    instance_config_with(cluster, origin, "")
 }
 
 fn redis_cluster(redis: &RedisServer, fail_mode: &str, timeout: &str) -> String {
@@ -310,4 +314,56 @@ async fn behind_haproxy_a_draining_instance_leaves_the_pool_and_its_clients_go_e
     assert!(!stopped.is_finished(), "still draining while its tunnel runs");
     held.remove(0);
     bounded(stopped).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_one_clients_bandwidth_over_three_instances_holds_its_rate() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let test = "behind_haproxy_one_clients_bandwidth_over_three_instances_holds_its_rate";
+    let Some(redis) = RedisServer::start(test) else { return };
+    let origin = Origin::source().await;
+    let cluster = redis_cluster(&redis, "closed", "200ms");
+    let mut instances = Vec::new();
+    for _ in 0..INSTANCES {
+        let p = TestProxy::start(&instance_config_with(&cluster, &origin, "bandwidth_down = \"1 MiB/s\"")).await;
+        wait_mode(&p, "redis").await;
+        instances.push(p);
+    }
+    let Some(haproxy) = start_haproxy(test, &instances).await else { return };
+    // Three downloads of far more than 12 s allow, one per instance (round robin).
+    let got = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..INSTANCES {
+        let (head, mut s) = connect_from(haproxy.front, Some(ip("127.0.0.2")), &origin.addr.to_string()).await;
+        assert_eq!(head.status, 200, "{}", head.text);
+        s.write_all(&(64u64 << 20).to_be_bytes()).await.unwrap();
+        let got = Arc::clone(&got);
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            // Bounded: the test stops reading after its window; 20 s is far past it.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+                got.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    for (i, p) in instances.iter().enumerate() {
+        assert_eq!(p.controller.active_for_ip(ip("127.0.0.2")), 1, "instance {i} serves one of them");
+    }
+    // The first second spends the start-up burst; then 10 s at the fleet rate.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = got.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let bytes = got.load(Ordering::Relaxed) - start;
+    let secs = started.elapsed().as_secs_f64();
+    for t in &tasks {
+        t.abort();
+    }
+    let ratio = bytes as f64 / (secs * (1u64 << 20) as f64);
+    assert!((0.9..=1.1).contains(&ratio), "{bytes} bytes in {secs:.2} s: {ratio:.3} of 1 MiB/s over 3 instances");
 }
