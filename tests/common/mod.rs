@@ -7,6 +7,7 @@
 
 pub mod child;
 pub mod client;
+pub mod haproxy;
 pub mod origin;
 pub mod redis;
 pub mod tls;

@@ -65,6 +65,14 @@ impl RedisServer {
         eventually_blocking("redis-server answers PING", || ping(addr), |ok| *ok);
     }
 
+    /// Sends `signal` (e.g. `libc::SIGSTOP`) to the server's process: a Redis that stops
+    /// answering without closing its connections, unlike [`RedisServer::stop`].
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        // SAFETY: kill(2) on the PID of our own child, which we have not reaped yet.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill({pid}, {signal})");
+    }
+
     /// Sends one command in the inline protocol and returns the raw reply.
     pub fn command(&self, line: &str) -> String {
         let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).expect("redis answers");

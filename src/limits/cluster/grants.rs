@@ -6,7 +6,7 @@
 //! when the credit left falls under half a grant, and gives back what is left when the
 //! client's tunnels here go quiet. Redis sees about 10 calls a second per saturated client per
 //! instance, none for idle ones. Over any window T a client gets at most
-//! rate·T + one grant of burst + two grants per instance serving it (the credit an instance
+//! rate·T + a grant and a tick of burst + two grants per instance serving it (the credit an instance
 //! holds and the one it is asking for); a crash only loses credit, never adds it.
 //!
 //! While Redis does not answer, the task grants locally: the client's rate divided by the
@@ -141,7 +141,11 @@ async fn feed(
     }
     if spending && balance < grant.div_ceil(2) && now >= f.not_before {
         let mut take = scripts::GRANT.key(&key);
-        take.arg(grant).arg(interval_ms).arg(grant);
+        // The bucket holds a grant and one tick more: an instance told to wait asks again at
+        // its next tick, up to a tick late, and with a burst of exactly one grant the credit
+        // made meanwhile would be lost to the whole fleet (about an eighth of the rate when
+        // instances compete for one client).
+        take.arg(grant).arg(interval_ms).arg(grant + cells_in(rate, TICK));
         let call = take.invoke_async::<(u64, u64)>(&mut conn);
         match tokio::time::timeout(inner.config.timeout.0, call).await {
             Ok(Ok((granted, retry_ms))) => {
