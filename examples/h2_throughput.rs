@@ -28,7 +28,13 @@ async fn main() {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
     std::fs::write(dir.join("c.pem"), cert.pem()).unwrap();
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(dir.join("k.pem")).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join("k.pem"))
+        .unwrap();
     std::io::Write::write_all(&mut f, key.serialize_pem().as_bytes()).unwrap();
 
     // The sink: counts every byte received.
@@ -110,7 +116,12 @@ async fn main() {
             mbps[i] = moved as f64 / started.elapsed().as_secs_f64() / 1e6;
         }
         ratios.push(mbps[1] / mbps[0]);
-        println!("round {round}: HTTP/1.1 TLS {:.0} MB/s, HTTP/2 stream {:.0} MB/s, h2/h1 {:.2}", mbps[0], mbps[1], mbps[1] / mbps[0]);
+        println!(
+            "round {round}: HTTP/1.1 TLS {:.0} MB/s, HTTP/2 stream {:.0} MB/s, h2/h1 {:.2}",
+            mbps[0],
+            mbps[1],
+            mbps[1] / mbps[0]
+        );
     }
     ratios.sort_by(f64::total_cmp);
     println!("median h2/h1: {:.2}", ratios[ratios.len() / 2]);

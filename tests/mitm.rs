@@ -95,8 +95,18 @@ fn capture() -> (tracing::subscriber::DefaultGuard, Arc<Mutex<Vec<u8>>>) {
     (tracing::subscriber::set_default(sub), buf)
 }
 
+/// One test of this file at a time. tracing's callsites (and their cached interest) are shared
+/// by every thread of the test binary, and a test capturing this thread's log lines missed
+/// some while another test reached the same callsites with no subscriber.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    // tokio's: each test has a runtime of its own, and this guard is held across awaits.
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
 #[tokio::test]
 async fn trusted_clients_get_a_minted_leaf_and_requests_are_observed() {
+    let _serial = serial().await;
     let s = setup();
     let origin = RecordingOrigin::start(&s.origin_pki).await;
     let port = origin.addr.port();
@@ -145,6 +155,7 @@ async fn trusted_clients_get_a_minted_leaf_and_requests_are_observed() {
 
 #[tokio::test]
 async fn clients_that_do_not_trust_the_ca_fail_and_tunnel_routes_stay_blind() {
+    let _serial = serial().await;
     let s = setup();
     let origin = RecordingOrigin::start(&s.origin_pki).await;
     let port = origin.addr.port();
@@ -159,6 +170,7 @@ async fn clients_that_do_not_trust_the_ca_fail_and_tunnel_routes_stay_blind() {
 
 #[tokio::test]
 async fn ip_literal_targets_get_an_ip_san() {
+    let _serial = serial().await;
     let s = setup();
     let origin = RecordingOrigin::start(&s.origin_pki).await;
     let port = origin.addr.port();
@@ -173,6 +185,7 @@ async fn ip_literal_targets_get_an_ip_san() {
 
 #[tokio::test]
 async fn sni_must_name_the_connect_host() {
+    let _serial = serial().await;
     let s = setup();
     let origin = RecordingOrigin::start(&s.origin_pki).await;
     let port = origin.addr.port();
@@ -187,6 +200,7 @@ async fn sni_must_name_the_connect_host() {
 
 #[tokio::test]
 async fn untrusted_or_wrong_name_upstreams_fail_the_client_too() {
+    let _serial = serial().await;
     let s = setup();
     let origin = RecordingOrigin::start(&s.origin_pki).await;
     let port = origin.addr.port();
@@ -209,6 +223,7 @@ async fn untrusted_or_wrong_name_upstreams_fail_the_client_too() {
 
 #[tokio::test]
 async fn the_probe_gives_each_verdict() {
+    let _serial = serial().await;
     use veilgate::probe::{Verdict, probe};
     let s = setup();
     let origin = RecordingOrigin::start(&s.origin_pki).await;
@@ -248,6 +263,7 @@ async fn the_probe_gives_each_verdict() {
 
 #[tokio::test]
 async fn a_ca_key_others_can_read_is_refused_at_start() {
+    let _serial = serial().await;
     use std::os::unix::fs::PermissionsExt;
     let s = setup();
     let key = s.ca_cert.with_file_name("veilgate-ca.key");
@@ -260,6 +276,7 @@ async fn a_ca_key_others_can_read_is_refused_at_start() {
 
 #[tokio::test]
 async fn a_large_response_to_a_slow_reader_is_not_held_back() {
+    let _serial = serial().await;
     // A keep-alive origin sends 4 MiB and waits for the next request; the client starts
     // reading late, so the proxy's writes to it block part-way. Every byte must still arrive
     // (encrypted records must not sit unflushed in the proxy's TLS writer).
@@ -346,12 +363,14 @@ async fn outcome_after_abrupt_close(reply: &'static [u8]) -> (f64, f64) {
 
 #[tokio::test]
 async fn an_origin_closing_without_close_notify_after_a_complete_response_is_closed() {
+    let _serial = serial().await;
     let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
     assert_eq!(outcome_after_abrupt_close(reply).await, (1.0, 0.0), "(closed, error)");
 }
 
 #[tokio::test]
 async fn an_origin_closing_without_close_notify_inside_a_body_is_an_error() {
+    let _serial = serial().await;
     let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello";
     assert_eq!(outcome_after_abrupt_close(reply).await, (0.0, 1.0), "(closed, error)");
 }
