@@ -161,7 +161,9 @@ async fn answer(mut stream: TcpStream, ctx: &Context) -> std::io::Result<()> {
     let s = &mut stream;
     match path {
         "/healthz" => respond(s, 200, "text/plain", "ok\n", head_only).await,
-        "/readyz" if ctx.draining.is_cancelled() => respond(s, 503, "text/plain", "draining\n", head_only).await,
+        "/readyz" if ctx.unready.is_cancelled() || ctx.draining.is_cancelled() => {
+            respond(s, 503, "text/plain", "draining\n", head_only).await
+        }
         // A balancer should send no one to an instance that would refuse every tunnel.
         "/readyz" if ctx.governor.cluster().is_some_and(|c| c.refuses_all()) => {
             respond(s, 503, "text/plain", "cluster limits unavailable\n", head_only).await

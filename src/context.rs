@@ -112,6 +112,9 @@ pub struct Context {
     pub metrics: Metrics,
     /// The budget of refusal log lines, per reason.
     pub refusal_log: LogThrottle,
+    /// Cancelled when a stop is asked for: `/readyz` answers 503 from then on, while the
+    /// listeners accept until `server.drain_delay` has passed.
+    pub unready: CancellationToken,
     /// Cancelled when the drain begins: stop accepting, close connections still in their head.
     pub draining: CancellationToken,
     /// Cancelled when the drain deadline passes: close every tunnel.
@@ -132,6 +135,7 @@ impl Context {
             refusal_log: LogThrottle::new(&Refusal::REASONS, REFUSAL_LINES_PER_SECOND),
             shared: ArcSwap::from_pointee(shared),
             own,
+            unready: CancellationToken::new(),
             draining: CancellationToken::new(),
             stop: CancellationToken::new(),
             inspect: Arc::default(),

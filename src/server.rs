@@ -162,6 +162,14 @@ impl Proxy {
         }
 
         shutdown.await;
+        ctx.unready.cancel();
+        let delay = ctx.shared().config.server.drain_delay.0;
+        if !delay.is_zero() {
+            // Still accepting, but no longer ready: a balancer's health check sees the 503 and
+            // moves new clients elsewhere before the port closes.
+            info!(drain_delay = ?delay, "not ready; listeners close after drain_delay");
+            tokio::time::sleep(delay).await;
+        }
         let drain = ctx.shared().config.server.drain_timeout.0;
         info!(active = ctx.governor.active_tunnels(), drain_timeout = ?drain, "draining");
         ctx.draining.cancel();

@@ -68,3 +68,32 @@ async fn clients_still_sending_their_head_are_dropped_at_drain() {
     let _ = bounded(s.read_to_end(&mut buf)).await;
     assert!(buf.is_empty(), "nothing was promised, nothing is sent");
 }
+
+/// `server.drain_delay`: `/readyz` says 503 at once, the listener keeps accepting (and
+/// serving) for the delay, then closes; a balancer checking `/readyz` has moved its clients by
+/// then.
+#[tokio::test]
+async fn with_a_drain_delay_readiness_goes_before_the_listener() {
+    let origin = Origin::echo().await;
+    let mut proxy = TestProxy::start(&format!(
+        "[server]\ndrain_timeout = \"10s\"\ndrain_delay = \"1s\"\n{}",
+        loopback_policy(&[origin.port()])
+    ))
+    .await;
+    let stopped = proxy.begin_shutdown();
+    let asked = Instant::now();
+    eventually("/readyz to say 503", async || proxy.admin_get("/readyz").await.0, |status| *status == 503).await;
+    // Not ready, still serving: a client the balancer sent a moment ago gets its tunnel.
+    let (head, held) = connect_via(proxy.addr, &origin.addr.to_string()).await;
+    assert_eq!(head.status, 200, "accepted and served during the delay");
+    assert!(asked.elapsed() < Duration::from_millis(900), "checked within the delay: {:?}", asked.elapsed());
+    eventually(
+        "the proxy listener to close after the delay",
+        async || tokio::net::TcpStream::connect(proxy.addr).await.is_ok(),
+        |accepting| !*accepting,
+    )
+    .await;
+    assert!(asked.elapsed() >= Duration::from_secs(1), "not before the delay: {:?}", asked.elapsed());
+    drop(held);
+    bounded(stopped).await.unwrap();
+}

@@ -27,6 +27,10 @@ pub struct ServerConfig {
     pub idle_timeout: HumanDuration,
     /// On SIGTERM, how long running tunnels may finish before they are closed.
     pub drain_timeout: HumanDuration,
+    /// On SIGTERM, how long `/readyz` answers 503 while the listeners still accept, before
+    /// they close and the drain begins: a balancer checking `/readyz` takes the instance out
+    /// of its pool in that time, so no client meets a closed port. 0: close at once.
+    pub drain_delay: HumanDuration,
     /// Connections still sending their CONNECT head, all clients together; past it new
     /// connections get 503 at once. One client may hold at most half of them.
     pub max_pending: u32,
@@ -121,6 +125,9 @@ impl ServerConfig {
         if self.drain_timeout.0 > MAX_TIMEOUT {
             return Err(invalid("server.drain_timeout", "must be at most 30 days".into()));
         }
+        if self.drain_delay.0 > Duration::from_secs(300) {
+            return Err(invalid("server.drain_delay", "must be at most 5 minutes".into()));
+        }
         validate_proxy_protocol(self).map_err(|(key, problem)| invalid(key, problem))?;
         self.validate_tls(origin)
     }
@@ -177,6 +184,7 @@ impl Default for ServerConfig {
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             idle_timeout: HumanDuration(Duration::from_secs(300)),
             drain_timeout: HumanDuration(Duration::from_secs(30)),
+            drain_delay: HumanDuration(Duration::ZERO),
             max_pending: 10_000,
             max_pending_per_client: 64,
             head_grace: HumanDuration(Duration::from_secs(1)),
