@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,16 +12,6 @@ use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request};
 use rustls::pki_types::ServerName;
-
-fn config_text(dir: &Path, pki: &TestPki, origin_port: u16, extra: &str) -> String {
-    let (cert, key) = pki.write_pair(dir);
-    format!(
-        "[server]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}\n{extra}",
-        cert.display(),
-        key.display(),
-        loopback_policy(&[origin_port])
-    )
-}
 
 /// An HTTP/2 connection to the TLS listener (ALPN h2), its driver running on its own task.
 async fn h2_connect(pki: &TestPki, listener: std::net::SocketAddr) -> SendRequest<Bytes> {
@@ -76,7 +65,7 @@ async fn each_stream_is_a_tunnel_on_one_connection() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
     let origin = Origin::echo().await;
-    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.port(), "")).await;
+    let proxy = TestProxy::start(&pki.listener_config(dir.path(), origin.port(), "")).await;
     let target = format!("127.0.0.1:{}", origin.port());
     let mut h2 = h2_connect(&pki, proxy.tls[0]).await;
     let (s1, mut send1, mut recv1) = open(&mut h2, &target).await;
@@ -100,7 +89,7 @@ async fn refusals_are_per_stream_and_a_reset_gives_the_place_back() {
     let pki = TestPki::new();
     let origin = Origin::echo().await;
     let extra = "[limits.per_client]\nmax_tunnels = 1\n";
-    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.port(), extra)).await;
+    let proxy = TestProxy::start(&pki.listener_config(dir.path(), origin.port(), extra)).await;
     let target = format!("127.0.0.1:{}", origin.port());
     let mut h2 = h2_connect(&pki, proxy.tls[0]).await;
     // A port the policy does not allow: 403 on that stream only, the connection stays.
@@ -136,7 +125,7 @@ async fn http1_clients_still_get_http1_on_the_same_listener() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
     let origin = Origin::echo().await;
-    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.port(), "")).await;
+    let proxy = TestProxy::start(&pki.listener_config(dir.path(), origin.port(), "")).await;
     let front = Front::Tls { config: pki.client_config(), name: ServerName::try_from("localhost").unwrap() };
     let (head, _c) = connect_over(&front, proxy.tls[0], None, &format!("127.0.0.1:{}", origin.port())).await;
     assert_eq!(head.status, 200);

@@ -244,8 +244,7 @@ fn relative_paths_follow_the_config_file_and_a_bad_file_on_reload_keeps_the_runn
 
 #[test]
 fn sighup_applies_log_format_and_level_and_says_what_changed_in_one_line() {
-    use std::io::{BufRead, BufReader};
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("veilgate.toml");
     let (proxy, admin) = (free_port(), free_port());
@@ -263,16 +262,7 @@ fn sighup_applies_log_format_and_level_and_says_what_changed_in_one_line() {
         .spawn()
         .unwrap();
     let mut vg = Veilgate(child);
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let reader = {
-        let (out, log) = (vg.0.stdout.take().unwrap(), Arc::clone(&log));
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                log.lock().unwrap().push(line);
-            }
-        })
-    };
+    let (log, reader) = vg.gather_log();
     eventually_blocking(
         "health",
         || get(admin_addr, "/healthz"),

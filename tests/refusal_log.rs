@@ -5,10 +5,9 @@ mod common;
 
 use common::child::{Veilgate, series};
 use common::eventually_blocking;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Refusals in the flood, and the binary's budget of lines per reason and second
@@ -57,16 +56,7 @@ fn a_flood_of_refusals_is_a_few_log_lines_and_an_exact_summary() {
         .spawn()
         .unwrap();
     let mut vg = Veilgate(child);
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let reader = {
-        let (out, log) = (vg.0.stdout.take().unwrap(), Arc::clone(&log));
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                log.lock().unwrap().push(line);
-            }
-        })
-    };
+    let (log, reader) = vg.gather_log();
     eventually_blocking(
         "health",
         || exchange(admin, b"GET /healthz HTTP/1.1\r\n\r\n"),

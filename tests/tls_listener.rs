@@ -15,22 +15,12 @@ fn tls_front(pki: &TestPki) -> Front {
     Front::Tls { config: pki.client_config(), name: ServerName::try_from("localhost").unwrap() }
 }
 
-fn config_text(dir: &Path, pki: &TestPki, origin_port: u16, extra: &str) -> String {
-    let (cert, key) = pki.write_pair(dir);
-    format!(
-        "[server]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}\n{extra}",
-        cert.display(),
-        key.display(),
-        loopback_policy(&[origin_port])
-    )
-}
-
 #[tokio::test]
 async fn connect_inside_tls_relays_exact_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
     let origin = Origin::echo().await;
-    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.port(), "")).await;
+    let proxy = TestProxy::start(&pki.listener_config(dir.path(), origin.port(), "")).await;
     let (head, mut client) =
         connect_over(&tls_front(&pki), proxy.tls[0], None, &format!("127.0.0.1:{}", origin.port())).await;
     assert_eq!(head.status, 200);
@@ -56,7 +46,7 @@ async fn connect_inside_tls_relays_exact_bytes() {
 async fn plaintext_on_the_tls_port_gets_a_readable_400() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
-    let proxy = TestProxy::start(&config_text(dir.path(), &pki, 9, "")).await;
+    let proxy = TestProxy::start(&pki.listener_config(dir.path(), 9, "")).await;
     let reply = raw_exchange(proxy.tls[0], b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
     assert!(reply.contains("https://"), "the answer says what to do: {reply}");
@@ -67,7 +57,7 @@ async fn plaintext_on_the_tls_port_gets_a_readable_400() {
 async fn tls_on_the_plaintext_port_is_refused_at_once_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
-    let proxy = TestProxy::start(&config_text(dir.path(), &pki, 9, "")).await;
+    let proxy = TestProxy::start(&pki.listener_config(dir.path(), 9, "")).await;
     let started = std::time::Instant::now();
     let opened = Client::open(proxy.addr, None, &tls_front(&pki)).await;
     assert!(opened.is_err(), "a TLS client cannot handshake with the plaintext listener");
@@ -81,7 +71,7 @@ async fn a_failed_handshake_is_counted_and_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
     let origin = Origin::echo().await;
-    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.port(), "")).await;
+    let proxy = TestProxy::start(&pki.listener_config(dir.path(), origin.port(), "")).await;
     // A client that trusts another CA gives up on the certificate.
     let stranger = TestPki::new();
     assert!(Client::open(proxy.tls[0], None, &tls_front(&stranger)).await.is_err());
@@ -102,7 +92,7 @@ async fn require_tls_keeps_credentials_off_the_plaintext_listener() {
     let origin = Origin::echo().await;
     let users = htpasswd(dir.path(), &[("alice", "secret", FAST_COST)]);
     let auth = format!("[auth]\ncredentials_file = \"{}\"\nrequire_tls = true\n", users.display());
-    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.port(), &auth)).await;
+    let proxy = TestProxy::start(&pki.listener_config(dir.path(), origin.port(), &auth)).await;
     let target = format!("127.0.0.1:{}", origin.port());
     for credentials in [None, Some("alice:secret")] {
         let mut plain = Client::open(proxy.addr, None, &Front::Plain).await.unwrap();
@@ -122,7 +112,7 @@ async fn a_reload_serves_the_new_pair_and_a_bad_one_keeps_the_old() {
     let dir = tempfile::tempdir().unwrap();
     let first = TestPki::new();
     let origin = Origin::echo().await;
-    let text = config_text(dir.path(), &first, origin.port(), "");
+    let text = first.listener_config(dir.path(), origin.port(), "");
     let proxy = TestProxy::start(&text).await;
     let target = format!("127.0.0.1:{}", origin.port());
     let (head, mut held) = connect_over(&tls_front(&first), proxy.tls[0], None, &target).await;
@@ -177,7 +167,7 @@ async fn curl_speaks_to_the_https_proxy() {
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nthrough TLS\n").await;
     })
     .await;
-    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.port(), "")).await;
+    let proxy = TestProxy::start(&pki.listener_config(dir.path(), origin.port(), "")).await;
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &pki.ca_pem).unwrap();
     let out = tokio::process::Command::new("curl")
@@ -282,7 +272,7 @@ async fn the_probe_speaks_to_the_https_proxy() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
     let origin = RecordingOrigin::start(&pki).await;
-    let proxy = TestProxy::start(&config_text(dir.path(), &pki, origin.addr.port(), "")).await;
+    let proxy = TestProxy::start(&pki.listener_config(dir.path(), origin.addr.port(), "")).await;
     let roots = dir.path().join("roots.pem");
     std::fs::write(&roots, &pki.ca_pem).unwrap();
     let opts = Options { proxy_ca: Some(roots.clone()), ..Options::default() };

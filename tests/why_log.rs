@@ -5,10 +5,9 @@ mod common;
 
 use common::child::Veilgate;
 use common::eventually_blocking;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn free_port() -> u16 {
@@ -44,16 +43,7 @@ fn a_502_says_the_cause_and_a_405_says_method_and_host_without_the_query() {
         .spawn()
         .unwrap();
     let mut vg = Veilgate(child);
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let reader = {
-        let (out, log) = (vg.0.stdout.take().unwrap(), Arc::clone(&log));
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                log.lock().unwrap().push(line);
-            }
-        })
-    };
+    let (log, reader) = vg.gather_log();
     eventually_blocking(
         "health",
         || exchange(admin, b"GET /healthz HTTP/1.1\r\n\r\n"),

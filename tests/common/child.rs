@@ -17,3 +17,24 @@ impl Drop for Veilgate {
         let _ = self.0.wait();
     }
 }
+
+/// Lines of a child's stdout, gathered by a thread as they are written.
+pub type LogLines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+impl Veilgate {
+    /// Takes the child's piped stdout and gathers its lines on a thread; join the handle
+    /// after the child has exited to have every line.
+    pub fn gather_log(&mut self) -> (LogLines, std::thread::JoinHandle<()>) {
+        use std::io::{BufRead, BufReader};
+        let log = LogLines::default();
+        let out = self.0.stdout.take().expect("stdout piped");
+        let lines = std::sync::Arc::clone(&log);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        });
+        (log, reader)
+    }
+}

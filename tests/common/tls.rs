@@ -58,6 +58,18 @@ impl TestPki {
         (cert, key)
     }
 
+    /// A veilgate config with a TLS listener serving this leaf (written into `dir`), the
+    /// loopback policy for `origin_port`, and `extra` appended.
+    pub fn listener_config(&self, dir: &std::path::Path, origin_port: u16, extra: &str) -> String {
+        let (cert, key) = self.write_pair(dir);
+        format!(
+            "[server]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}\n{extra}",
+            cert.display(),
+            key.display(),
+            super::loopback_policy(&[origin_port])
+        )
+    }
+
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
         let mut cfg = rustls::ServerConfig::builder()
             .with_no_client_auth()
