@@ -3,30 +3,16 @@
 
 mod common;
 
-use common::child::{Veilgate, series};
+use common::child::{Veilgate, exchange, free_port, series};
 use common::eventually_blocking;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Refusals in the flood, and the binary's budget of lines per reason and second
 /// (src/logthrottle.rs).
 const FLOOD: usize = 2_000;
 const PER_SECOND: usize = 10;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn exchange(addr: SocketAddr, request: &[u8]) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(request).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
 
 /// The refusal lines and the summaries' counts for `reason` in the log so far.
 fn tally(log: &[String], reason: &str) -> (usize, Vec<u64>) {

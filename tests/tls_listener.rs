@@ -186,10 +186,20 @@ fn as_client(pki: &TestPki, cn: &str) -> Front {
     Front::Tls { config: pki.client_config_as(cn), name: ServerName::try_from("localhost").unwrap() }
 }
 
-fn client_ca(dir: &Path, pki: &TestPki, auth: &str) -> String {
+/// A TLS listener asking for client certificates of `pki`'s CA (`auth`: required or
+/// optional), one tunnel per client, for an origin on `origin_port`.
+fn client_cert_config(dir: &Path, pki: &TestPki, origin_port: u16, auth: &str) -> String {
     let ca = dir.join("clients-ca.pem");
     std::fs::write(&ca, &pki.ca_pem).unwrap();
-    format!("tls_client_ca = \"{}\"\ntls_client_auth = \"{auth}\"\n", ca.display())
+    let (cert, key) = pki.write_pair(dir);
+    format!(
+        "[server]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+         tls_client_ca = \"{}\"\ntls_client_auth = \"{auth}\"\n[limits.per_client]\nmax_tunnels = 1\n{}",
+        cert.display(),
+        key.display(),
+        ca.display(),
+        loopback_policy(&[origin_port])
+    )
 }
 
 #[tokio::test]
@@ -197,14 +207,7 @@ async fn a_client_certificate_is_the_identity_limits_key_by() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
     let origin = Origin::echo().await;
-    let (cert, key) = pki.write_pair(dir.path());
-    let text = format!(
-        "[server]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}[limits.per_client]\nmax_tunnels = 1\n{}",
-        cert.display(),
-        key.display(),
-        client_ca(dir.path(), &pki, "required"),
-        loopback_policy(&[origin.port()])
-    );
+    let text = client_cert_config(dir.path(), &pki, origin.port(), "required");
     let proxy = TestProxy::start(&text).await;
     let target = format!("127.0.0.1:{}", origin.port());
     let a: IpAddr = "127.0.0.2".parse().unwrap();
@@ -243,14 +246,7 @@ async fn optional_client_certificates_serve_clients_without_one_by_address() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
     let origin = Origin::echo().await;
-    let (cert, key) = pki.write_pair(dir.path());
-    let text = format!(
-        "[server]\ntls_listen = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{}[limits.per_client]\nmax_tunnels = 1\n{}",
-        cert.display(),
-        key.display(),
-        client_ca(dir.path(), &pki, "optional"),
-        loopback_policy(&[origin.port()])
-    );
+    let text = client_cert_config(dir.path(), &pki, origin.port(), "optional");
     let proxy = TestProxy::start(&text).await;
     let target = format!("127.0.0.1:{}", origin.port());
     let a: IpAddr = "127.0.0.2".parse().unwrap();

@@ -3,25 +3,10 @@
 
 mod common;
 
-use common::child::Veilgate;
+use common::child::{Veilgate, exchange, free_port};
 use common::eventually_blocking;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::Duration;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn exchange(addr: SocketAddr, request: &[u8]) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(request).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
 
 #[test]
 fn a_502_says_the_cause_and_a_405_says_method_and_host_without_the_query() {

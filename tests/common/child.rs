@@ -38,3 +38,19 @@ impl Veilgate {
         (log, reader)
     }
 }
+
+/// A loopback port free a moment ago, for a child given its ports on the command line.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One blocking request to `addr` and the whole answer (the server closes), or `None`.
+pub fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    s.write_all(request).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
