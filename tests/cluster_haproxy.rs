@@ -37,8 +37,18 @@ fn instance_config_with(cluster: &str, origin: &Origin, per_client: &str) -> Str
     )
 }
 
-fn instance_config(cluster: &str, origin: &Origin) -> String {
-    instance_config_with(cluster, origin, "")
+/// The instances, each started with `extra` limits and, on the Redis backend, deciding in
+/// Redis before it is returned.
+async fn start_instances(cluster: &str, origin: &Origin, extra: &str) -> Vec<TestProxy> {
+    let mut instances = Vec::new();
+    for _ in 0..INSTANCES {
+        let p = TestProxy::start(&instance_config_with(cluster, origin, extra)).await;
+        if cluster.contains("redis") {
+            wait_mode(&p, "redis").await;
+        }
+        instances.push(p);
+    }
+    instances
 }
 
 fn redis_cluster(redis: &RedisServer, fail_mode: &str, timeout: &str) -> String {
@@ -132,15 +142,7 @@ struct Run {
 }
 
 async fn fifteen_each(test: &str, cluster: &str, origin: &Origin) -> Option<Run> {
-    let mut instances = Vec::new();
-    for _ in 0..INSTANCES {
-        instances.push(TestProxy::start(&instance_config(cluster, origin)).await);
-    }
-    if cluster.contains("redis") {
-        for p in &instances {
-            wait_mode(p, "redis").await;
-        }
-    }
+    let instances = start_instances(cluster, origin, "").await;
     let haproxy = start_haproxy(test, &instances).await?;
     // Counted from here: HAProxy's start-up probe (a bare connect) reached one instance too.
     let proxied = "veilgate_proxy_protocol_headers_total{kind=\"proxied\"}";
@@ -217,12 +219,7 @@ async fn behind_haproxy_a_stopped_redis_gets_fast_503s_and_sigcont_brings_the_cl
     let Some(redis) = RedisServer::start(test) else { return };
     let origin = Origin::echo().await;
     let cluster = redis_cluster(&redis, "closed", "50ms");
-    let mut instances = Vec::new();
-    for _ in 0..INSTANCES {
-        let p = TestProxy::start(&instance_config(&cluster, &origin)).await;
-        wait_mode(&p, "redis").await;
-        instances.push(p);
-    }
+    let instances = start_instances(&cluster, &origin, "").await;
     let Some(haproxy) = start_haproxy(test, &instances).await else { return };
     let (statuses, mut held) = attempts(haproxy.front, "127.0.0.2", &origin, 2).await;
     assert_eq!(statuses, [200, 200]);
@@ -276,12 +273,7 @@ async fn behind_haproxy_a_draining_instance_leaves_the_pool_and_its_clients_go_e
     let Some(redis) = RedisServer::start(test) else { return };
     let origin = Origin::echo().await;
     let cluster = redis_cluster(&redis, "closed", "200ms");
-    let mut instances = Vec::new();
-    for _ in 0..INSTANCES {
-        let p = TestProxy::start(&instance_config(&cluster, &origin)).await;
-        wait_mode(&p, "redis").await;
-        instances.push(p);
-    }
+    let mut instances = start_instances(&cluster, &origin, "").await;
     let Some(haproxy) = start_haproxy(test, &instances).await else { return };
     let (statuses, mut held) = attempts(haproxy.front, "127.0.0.2", &origin, 1).await;
     assert_eq!(statuses, [200]);
@@ -324,12 +316,7 @@ async fn behind_haproxy_one_clients_bandwidth_over_three_instances_holds_its_rat
     let Some(redis) = RedisServer::start(test) else { return };
     let origin = Origin::source().await;
     let cluster = redis_cluster(&redis, "closed", "200ms");
-    let mut instances = Vec::new();
-    for _ in 0..INSTANCES {
-        let p = TestProxy::start(&instance_config_with(&cluster, &origin, "bandwidth_down = \"1 MiB/s\"")).await;
-        wait_mode(&p, "redis").await;
-        instances.push(p);
-    }
+    let instances = start_instances(&cluster, &origin, "bandwidth_down = \"1 MiB/s\"").await;
     let Some(haproxy) = start_haproxy(test, &instances).await else { return };
     // Three downloads of far more than 12 s allow, one per instance (round robin).
     let got = Arc::new(AtomicU64::new(0));
