@@ -121,6 +121,9 @@ pub struct Context {
     pub stop: CancellationToken,
     /// Live tunnels and recent refusals per client, filled only with `admin.inspect`.
     pub inspect: Arc<crate::inspect::Registry>,
+    /// The TLS listeners' bound addresses (ports chosen), which `/proxy.pac` announces by
+    /// default.
+    pub tls_listeners: Vec<SocketAddr>,
 }
 
 impl Context {
@@ -139,6 +142,7 @@ impl Context {
             draining: CancellationToken::new(),
             stop: CancellationToken::new(),
             inspect: Arc::default(),
+            tls_listeners: Vec::new(),
         }
     }
 
