@@ -459,3 +459,113 @@ fn haproxy_server_state(socket: &std::path::Path) -> String {
     let _ = s.read_to_string(&mut out);
     out.lines().find(|l| l.starts_with("vg,vg,")).unwrap_or("no vg row").to_string()
 }
+
+/// The TLS listener behind the header: the header read exactly (here split in two writes with
+/// a pause), then the TLS handshake from the client's first byte, and the carried source is
+/// the client.
+#[tokio::test]
+async fn the_tls_listener_reads_the_header_then_the_handshake() {
+    use common::tls::TestPki;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let origin = Origin::echo().await;
+    let extra = "[limits.per_client]\nmax_tunnels = 1\n";
+    let mut text = pki.listener_config(dir.path(), origin.port(), extra);
+    text = text
+        .replace("[server]\n", "[server]\nproxy_protocol = \"required\"\nproxy_protocol_from = [\"127.0.0.1/32\"]\n");
+    let proxy = TestProxy::start(&text).await;
+    let connector = tokio_rustls::TlsConnector::from(pki.client_config());
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let open = async |src: &str| {
+        let mut tcp = dial_proxy(proxy.tls[0], None).await;
+        let header = v2(1, src, 40100);
+        tcp.write_all(&header[..7]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        tcp.write_all(&header[7..]).await.unwrap();
+        let mut tls = bounded(connector.connect(name.clone(), tcp)).await.expect("handshake after the header");
+        tls.write_all(&connect_head(origin.addr)).await.unwrap();
+        let head = read_reply_head(&mut tls).await;
+        (head, tls)
+    };
+    let (a, mut ta) = open("127.0.0.7").await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    ta.write_all(b"inside TLS, behind a header").await.unwrap();
+    let mut back = [0u8; 27];
+    bounded(ta.read_exact(&mut back)).await.unwrap();
+    assert_eq!(&back, b"inside TLS, behind a header");
+    assert_eq!(proxy.controller.active_for_ip(ip("127.0.0.7")), 1, "the carried source is the client");
+    let (b, _tb) = open("127.0.0.7").await;
+    assert_eq!(b.status, 429, "the same carried source at its cap: {}", b.text);
+    let (c, _tc) = open("127.0.0.8").await;
+    assert_eq!(c.status, 200, "another carried source: {}", c.text);
+    // TLS straight to the listener, with no header: closed unanswered, counted.
+    let mut bare = dial_proxy(proxy.tls[0], None).await;
+    bare.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 0, 0, 1, 0]).await.unwrap();
+    closed_unanswered(&mut bare).await;
+    assert_eq!(refusals(&proxy, "proxy_protocol_missing").await, 1.0);
+    assert_eq!(headers(&proxy, "proxied").await, 3.0);
+}
+
+#[tokio::test]
+async fn the_tls_listener_behind_a_real_haproxy_keys_limits_by_the_carried_source() {
+    use common::tls::TestPki;
+    let Some(bin) = haproxy_binary() else {
+        eprintln!(
+            "SKIPPED the_tls_listener_behind_a_real_haproxy_keys_limits_by_the_carried_source: no haproxy binary \
+             (apt-get install haproxy; .ci/run installs it)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let origin = Origin::echo().await;
+    let mut text = pki.listener_config(dir.path(), origin.port(), "[limits.per_client]\nmax_tunnels = 1\n");
+    text = text
+        .replace("[server]\n", "[server]\nproxy_protocol = \"required\"\nproxy_protocol_from = [\"127.0.0.1/32\"]\n");
+    let proxy = TestProxy::start(&text).await;
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let cfg = dir.path().join("haproxy.cfg");
+    // TLS passes through HAProxy untouched (mode tcp); the header goes first.
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend fe\n  bind {front}\n  default_backend vg\n\
+             backend vg\n  server vg {} send-proxy-v2 check check-send-proxy inter 200ms\n",
+            proxy.tls[0]
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(&bin)
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy starts");
+    let _haproxy = Haproxy(child);
+    bounded(async {
+        while TcpStream::connect(front).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let tls =
+        Front::Tls { config: pki.client_config(), name: rustls::pki_types::ServerName::try_from("localhost").unwrap() };
+    let target = origin.addr.to_string();
+    let (a, mut ca) = connect_over(&tls, front, Some(ip("127.0.0.5")), &target).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    ca.write_all(b"TLS through haproxy").await.unwrap();
+    let mut back = [0u8; 19];
+    bounded(ca.read_exact(&mut back)).await.unwrap();
+    assert_eq!(&back, b"TLS through haproxy");
+    assert_eq!(proxy.controller.active_for_ip(ip("127.0.0.5")), 1, "HAProxy's PROXY source is the client");
+    let (b, _cb) = connect_over(&tls, front, Some(ip("127.0.0.5")), &target).await;
+    assert_eq!(b.status, 429, "{}", b.text);
+    let (c, _cc) = connect_over(&tls, front, Some(ip("127.0.0.6")), &target).await;
+    assert_eq!(c.status, 200, "{}", c.text);
+    // HAProxy's checks arrive as LOCAL headers and are closed quietly.
+    eventually("LOCAL health checks", async || headers(&proxy, "local").await, |n| *n >= 3.0).await;
+    assert_eq!(refusals(&proxy, "tls_handshake_failed").await, 0.0);
+}

@@ -7,6 +7,7 @@
 
 mod common;
 mod floor;
+mod front;
 mod load;
 mod origin;
 mod pki;
@@ -52,6 +53,12 @@ enum Cmd {
     FreePorts(report::FreePortsArgs),
     /// The floor: a minimal blocking splice relay to one fixed target, no CONNECT, as a yardstick.
     Floor(floor::FloorArgs),
+    /// Bulk MB/s through N tunnels over a front: plain, TLS to the proxy, or HTTP/2 CONNECT.
+    FrontThroughput(front::FrontThroughputArgs),
+    /// New tunnels per second over a front (plain, tls, h2).
+    FrontConnrate(front::FrontConnrateArgs),
+    /// Idle tunnels over a front (plain, tls, h2): the proxy's RSS per tunnel.
+    FrontIdle(front::FrontIdleArgs),
     /// Soak and chaos: start veilgate, run every kind of load at once, check it gives all back.
     Soak(soak::SoakArgs),
 }
@@ -65,6 +72,9 @@ fn main() {
         match cli.cmd {
             Cmd::Serve(a) => servers::serve(a).await,
             Cmd::Throughput(a) => load::throughput(a).await,
+            Cmd::FrontThroughput(a) => front::throughput(a).await,
+            Cmd::FrontConnrate(a) => front::connrate(a).await,
+            Cmd::FrontIdle(a) => front::idle(a).await,
             Cmd::Connrate(a) => load::connrate(a).await,
             Cmd::Latency(a) => load::latency(a).await,
             Cmd::Idle(a) => load::idle(a).await,

@@ -162,14 +162,6 @@ impl ServerConfig {
         if self.h2_max_streams == 0 {
             return Err(invalid("server.h2_max_streams", "must be at least 1".into()));
         }
-        if self.proxy_protocol == ProxyProtocol::Required {
-            return Err(invalid(
-                "server.tls_listen",
-                "PROXY protocol in front of the TLS listener is not supported yet; terminate at the \
-                 balancer or use the plaintext listener"
-                    .into(),
-            ));
-        }
         Ok(())
     }
 }

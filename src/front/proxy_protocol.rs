@@ -236,6 +236,33 @@ pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<(Header, Ve
     }
 }
 
+/// Reads one header and not one byte past it, so the stream is left at the first byte the
+/// client sent: the TLS listener hands it to the TLS handshake as it is. Each read takes only
+/// what a peek showed to be header (all of a partial header, or up to a complete one's end),
+/// so a header split across segments waits for the next one instead of spinning on the peek.
+pub async fn read_header_exact(stream: &mut TcpStream) -> Result<Header, HeaderError> {
+    let mut got: Vec<u8> = Vec::with_capacity(V1_MAX);
+    let mut peeked = vec![0u8; READ_AHEAD];
+    loop {
+        let n = match stream.peek(&mut peeked).await {
+            Ok(0) | Err(_) => return Err(HeaderError::Closed),
+            Ok(n) => n,
+        };
+        let mut seen = got.clone();
+        seen.extend_from_slice(&peeked[..n]);
+        let take = match parse(&seen)? {
+            Parsed::Partial => n,
+            Parsed::Complete { len, header } => {
+                let rest = len - got.len();
+                stream.read_exact(&mut peeked[..rest]).await.map_err(|_| HeaderError::Closed)?;
+                return Ok(header);
+            }
+        };
+        stream.read_exact(&mut peeked[..take]).await.map_err(|_| HeaderError::Closed)?;
+        got.extend_from_slice(&peeked[..take]);
+    }
+}
+
 /// Takes an accepted connection on a listener that requires the header: closes an untrusted
 /// peer at once, turns a connection away over the global bound, or reads the header on the
 /// connection's own task and serves it from there.
@@ -245,6 +272,19 @@ pub(crate) fn accepted(
     tracker: &TaskTracker,
     stream: TcpStream,
     peer: SocketAddr,
+) {
+    accepted_then(ctx, shared, tracker, stream, peer, serve);
+}
+
+/// [`accepted`], with `serve` for what follows: the plaintext front reads the header and the
+/// head on one buffer; the TLS front reads the header exactly, then shakes hands.
+pub(crate) fn accepted_then<F: Future<Output = ()> + Send + 'static>(
+    ctx: &Arc<Context>,
+    shared: &Shared,
+    tracker: &TaskTracker,
+    stream: TcpStream,
+    peer: SocketAddr,
+    serve: impl FnOnce(Arc<Context>, TcpStream, SocketAddr, PendingPermit) -> F,
 ) {
     let server = &shared.config.server;
     if !trusted(&server.proxy_protocol_from, peer.ip()) {
@@ -270,7 +310,7 @@ fn serve(
     pending: PendingPermit,
 ) -> impl Future<Output = ()> + Send {
     let started = Instant::now();
-    header_phase(ctx, stream, peer, pending)
+    header_phase(ctx, stream, peer, pending, false)
         .then(move |next| {
             OptionFuture::from(next.map(|(ctx, stream, client, pending, early)| {
                 h1::serve_after(ctx, stream, client, Some(pending), early, started.elapsed())
@@ -283,16 +323,26 @@ fn serve(
 /// (charged to that client now) and the bytes read past the header.
 type Identified = (Arc<Context>, TcpStream, ClientId, PendingPermit, Vec<u8>);
 
-async fn header_phase(
+/// Reads the header within the head deadline and charges the pending permit to the client it
+/// names. `exact`: read nothing past the header (the TLS listener's handshake reads the rest).
+pub(super) async fn header_phase(
     ctx: Arc<Context>,
     mut stream: TcpStream,
     peer: SocketAddr,
     mut pending: PendingPermit,
+    exact: bool,
 ) -> Option<Identified> {
     let shared = ctx.shared();
     let server = &shared.config.server;
+    let header = async {
+        if exact {
+            read_header_exact(&mut stream).await.map(|h| (h, Vec::new()))
+        } else {
+            read_header(&mut stream).await
+        }
+    };
     let read = tokio::select! {
-        r = tokio::time::timeout(server.header_timeout.0, read_header(&mut stream)) => r,
+        r = tokio::time::timeout(server.header_timeout.0, header) => r,
         () = ctx.draining.cancelled() => return None,
     };
     let (header, early) = match read {
@@ -536,6 +586,32 @@ mod tests {
         assert_eq!(early, b"CONN");
         let mut io = tokio_test_reader(&[b"PROXY TCP4 192.0.2.7"]);
         assert_eq!(read_header(&mut io).await, Err(HeaderError::Closed));
+    }
+
+    #[tokio::test]
+    async fn the_exact_reader_leaves_every_byte_after_the_header_in_the_socket() {
+        use tokio::io::AsyncWriteExt;
+        let mut whole = v2_tcp4();
+        whole.extend_from_slice(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]);
+        let v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 8080\r\n\x16\x03\x01".to_vec();
+        for (bytes, cut, at) in [(&whole, 5, 28), (&whole, 20, 28), (&whole, 30, 28), (&v1, 10, 42), (&v1, 41, 42)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (mut server, _) = listener.accept().await.unwrap();
+            let sent = bytes.clone();
+            let writer = tokio::spawn(async move {
+                client.write_all(&sent[..cut]).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                client.write_all(&sent[cut..]).await.unwrap();
+                client
+            });
+            let h = read_header_exact(&mut server).await.unwrap();
+            assert_eq!(h, Header::Proxied("192.0.2.7:5555".parse().unwrap()), "cut at {cut}");
+            let _client = writer.await.unwrap();
+            let mut rest = vec![0u8; bytes.len() - at];
+            server.read_exact(&mut rest).await.unwrap();
+            assert_eq!(rest, &bytes[at..], "cut at {cut}: the client's bytes are all still there");
+        }
     }
 
     /// A reader that yields `parts` one read each (a part larger than the reader's room

@@ -27,9 +27,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span};
 
 use super::{ClientId, ClientIo};
-use crate::config::TlsClientAuth;
+use crate::config::{ProxyProtocol, TlsClientAuth};
 use crate::context::Context;
 use crate::error::{Refusal, Unanswered};
+use crate::limits::pending::PendingPermit;
 use crate::mitm::ca::{self, CaError};
 use crate::tunnel::client_field;
 
@@ -85,48 +86,75 @@ pub fn load(
 }
 
 /// Takes a connection accepted on a TLS listener into its head phase, as
-/// [`super::h1::accepted`] does for a plaintext one, with the handshake first.
+/// [`super::h1::accepted`] does for a plaintext one, with the handshake first (and before it,
+/// with `server.proxy_protocol = "required"`, the balancer's PROXY header, read exactly so the
+/// handshake starts at the client's first byte).
 pub(crate) fn accepted(ctx: &Arc<Context>, tracker: &TaskTracker, stream: TcpStream, peer: std::net::SocketAddr) {
     let shared = ctx.shared();
     let Some(tls) = shared.tls.clone() else {
         // Validation makes this unreachable: a TLS listener is bound only with a certificate.
         return;
     };
+    if shared.config.server.proxy_protocol == ProxyProtocol::Required {
+        return super::proxy_protocol::accepted_then(
+            ctx,
+            &shared,
+            tracker,
+            stream,
+            peer,
+            |ctx, stream, peer, permit| {
+                let started = Instant::now();
+                async move {
+                    let identified = super::proxy_protocol::header_phase(ctx, stream, peer, permit, true).await;
+                    if let Some((ctx, stream, client, permit, _)) = identified {
+                        session(ctx, stream, client, permit, tls, started).await;
+                    }
+                }
+            },
+        );
+    }
     match ctx.pending.enter(shared.client_key(peer.ip()), shared.config.server.max_pending) {
         Ok(permit) => {
             let span = info_span!("conn", id = super::next_id(), tls = true);
-            let client = ClientId::at(peer);
-            let ctx = Arc::clone(ctx);
-            tracker.spawn(
-                async move {
-                    let started = Instant::now();
-                    let deadline = ctx.shared().config.server.header_timeout.0;
-                    let handshake = tokio::select! {
-                        r = tokio::time::timeout(deadline, handshake(&ctx, stream, &client, tls)) => r,
-                        () = ctx.draining.cancelled() => return,
-                    };
-                    match handshake {
-                        Ok(Some(tls)) => {
-                            let client = ClientId { identity: identity(&tls), ..client };
-                            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                                ctx.metrics.listeners.tls_sessions_h2.increment(1);
-                                // Past the handshake the connection is no longer one head in
-                                // flight: each stream is admitted on its own.
-                                drop(permit);
-                                let left = deadline.saturating_sub(started.elapsed());
-                                return super::h2::serve(ctx, tls, client, left).await;
-                            }
-                            ctx.metrics.listeners.tls_sessions_h1.increment(1);
-                            super::h1::serve_after(ctx, tls, client, Some(permit), Vec::new(), started.elapsed()).await
-                        }
-                        Ok(None) => {}
-                        Err(_) => failed(&ctx, &client, "no complete handshake within server.header_timeout"),
-                    }
-                }
-                .instrument(span),
-            );
+            let session = session(Arc::clone(ctx), stream, ClientId::at(peer), permit, tls, Instant::now());
+            tracker.spawn(session.instrument(span));
         }
         Err(why) => super::h1::turn_away(ctx, &stream, why),
+    }
+}
+
+/// The handshake within what is left of the head deadline since `started`, then HTTP/1.1 or
+/// HTTP/2 by ALPN.
+async fn session(
+    ctx: Arc<Context>,
+    stream: TcpStream,
+    client: ClientId,
+    permit: PendingPermit,
+    tls: Arc<rustls::ServerConfig>,
+    started: Instant,
+) {
+    let deadline = ctx.shared().config.server.header_timeout.0;
+    let left = deadline.saturating_sub(started.elapsed());
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(left, handshake(&ctx, stream, &client, tls)) => r,
+        () = ctx.draining.cancelled() => return,
+    };
+    match handshake {
+        Ok(Some(tls)) => {
+            let client = ClientId { identity: identity(&tls), ..client };
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                ctx.metrics.listeners.tls_sessions_h2.increment(1);
+                // Past the handshake the connection is no longer one head in flight: each
+                // stream is admitted on its own.
+                drop(permit);
+                let left = deadline.saturating_sub(started.elapsed());
+                return super::h2::serve(ctx, tls, client, left).await;
+            }
+            ctx.metrics.listeners.tls_sessions_h1.increment(1);
+            super::h1::serve_after(ctx, tls, client, Some(permit), Vec::new(), started.elapsed()).await
+        }
+        Ok(None) => {}
+        Err(_) => failed(&ctx, &client, "no complete handshake within server.header_timeout"),
     }
 }
 
