@@ -35,8 +35,15 @@ trap cleanup EXIT
 mkdir -p "$VG_OUT"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/vg-front.XXXXXX")
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
-  -addext subjectAltName=DNS:localhost -keyout "$TMP/proxy.key" -out "$TMP/proxy.pem" 2>/dev/null
+# A throwaway CA and a leaf for localhost (rustls, as a client, refuses a CA certificate used
+# as the server's own).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=vgbench CA" \
+  -keyout "$TMP/ca.key" -out "$TMP/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+  -keyout "$TMP/proxy.key" -out "$TMP/proxy.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' >"$TMP/leaf.ext"
+openssl x509 -req -in "$TMP/proxy.csr" -CA "$TMP/ca.pem" -CAkey "$TMP/ca.key" -CAcreateserial -days 2 \
+  -extfile "$TMP/leaf.ext" -out "$TMP/proxy.pem" 2>/dev/null
 chmod 600 "$TMP/proxy.key"
 read -r -a P < <("$VGBENCH" free-ports --count 6)
 SINK=127.0.0.1:${P[0]} SOURCE=127.0.0.1:${P[1]} ECHO=127.0.0.1:${P[2]}
@@ -60,7 +67,7 @@ CONF
 front_args() { # front
   case $1 in
     plain) echo "--proxy $PLAIN --front plain" ;;
-    *) echo "--proxy $TLS --front $1 --proxy-ca $TMP/proxy.pem" ;;
+    *) echo "--proxy $TLS --front $1 --proxy-ca $TMP/ca.pem" ;;
   esac
 }
 OUT=$VG_OUT/runs.jsonl
@@ -89,39 +96,4 @@ for run in $(seq "$VG_RUNS"); do
   for i in 0 1 2; do one "${FRONTS[$(((i + run) % 3))]}" "$run"; done
 done
 log "load average $(cut -d' ' -f1-3 /proc/loadavg); results in $OUT"
-python3 - "$OUT" <<'PY'
-import json, sys, statistics as st
-rows = [json.loads(l) for l in open(sys.argv[1])]
-def med(front, test, key, **match):
-    v = [r[key] for r in rows if r.get("front") == front and r["test"] == test and r.get(key) is not None
-         and all(r.get(k) == x for k, x in match.items())]
-    return st.median(v) if v else float("nan")
-def ratio(front, test, key, **match):
-    # per run, against plain in the same run, then the median
-    out = []
-    for run in sorted({r["run"] for r in rows}):
-        a = [r[key] for r in rows if r["run"] == run and r.get("front") == "plain" and r["test"] == test and all(r.get(k) == x for k, x in match.items())]
-        b = [r[key] for r in rows if r["run"] == run and r.get("front") == front and r["test"] == test and all(r.get(k) == x for k, x in match.items())]
-        if a and b and a[0]:
-            out.append(b[0] / a[0])
-    return st.median(out) if out else float("nan")
-print("| median of runs | plain | tls | h2 | tls / plain | h2 / plain |")
-print("|---|---|---|---|---|---|")
-conns = sorted({r["conns"] for r in rows if r["test"] == "front-throughput"}, reverse=True)
-for d in ("up", "down"):
-    for c in conns:
-        for key, name in (("mbyte_per_s", "MB/s"), ("proxy_cpu_s_per_gb", "proxy CPU-s/GB")):
-            m = dict(dir=d, conns=c)
-            vals = [med(f, "front-throughput", key, **m) for f in ("plain", "tls", "h2")]
-            rs = [ratio(f, "front-throughput", key, **m) for f in ("tls", "h2")]
-            print(f"| {d}, {c} tunnel(s): {name} | " + " | ".join(f"{v:.2f}" for v in vals) + " | " + " | ".join(f"{x:.2f}" for x in rs) + " |")
-for key, name in (("tunnels_per_s", "tunnels/s"), ("p50_us", "setup p50 µs"), ("p99_us", "setup p99 µs"), ("proxy_cpu_us_per_tunnel", "proxy CPU µs/tunnel")):
-    vals = [med(f, "front-connrate", key) for f in ("plain", "tls", "h2")]
-    rs = [ratio(f, "front-connrate", key) for f in ("tls", "h2")]
-    print(f"| connrate: {name} | " + " | ".join(f"{v:.0f}" for v in vals) + " | " + " | ".join(f"{x:.2f}" for x in rs) + " |")
-k = "kib_per_idle_tunnel"
-if any(k in r for r in rows):
-    vals = [med(f, "front-idle", k) for f in ("plain", "tls", "h2")]
-    rs = [ratio(f, "front-idle", k) for f in ("tls", "h2")]
-    print(f"| idle: proxy KiB per tunnel | " + " | ".join(f"{v:.1f}" for v in vals) + " | " + " | ".join(f"{x:.2f}" for x in rs) + " |")
-PY
+python3 "$HERE/front_table.py" "$OUT"
