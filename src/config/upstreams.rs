@@ -244,3 +244,48 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod validation {
+    use crate::config::Config;
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text, "t.toml").unwrap_err().to_string()
+    }
+
+    const TOR: &str = "[[upstreams]]\nname = \"tor\"\nurl = \"socks5h://127.0.0.1:9050\"\n";
+
+    #[test]
+    fn names_members_and_routes_are_checked() {
+        let ok = format!(
+            "{TOR}[[upstream_groups]]\nname = \"g\"\nmembers = [\"tor\"]\nstrategy = \"hash\"\n[[routes]]\nhosts = [\"*.onion\"]\nupstream = \"g\"\n"
+        );
+        let c = Config::from_toml(&ok, "t.toml").unwrap();
+        assert_eq!(Config::from_toml(&c.to_toml(), "again").unwrap(), c, "round trip");
+        assert!(err(&format!("{TOR}{TOR}")).contains("upstreams[1].name"));
+        assert!(err(&TOR.replace("tor\"", "a b\"")).contains("upstreams[0].name"));
+        assert!(err(&TOR.replace("socks5h", "socks4")).contains("socks4"));
+        assert!(err(&TOR.replace("127.0.0.1", "u:p@127.0.0.1")).contains("credentials_file"));
+        assert!(err(&format!("{TOR}[[upstream_groups]]\nname = \"tor\"\nmembers = [\"tor\"]\n")).contains("upstream_groups[0].name"));
+        assert!(err(&format!("{TOR}[[upstream_groups]]\nname = \"g\"\nmembers = [\"nope\"]\n")).contains("members[0]"));
+        assert!(err(&format!("{TOR}[[upstream_groups]]\nname = \"g\"\nmembers = []\n")).contains("members"));
+        assert!(err(&format!("{TOR}[[upstream_groups]]\nname = \"g\"\nmembers = [\"tor\"]\nstrategy = \"random\"\n")).contains("strategy"));
+        assert!(err(&format!("{TOR}[[routes]]\nhosts = [\"a\"]\nupstream = \"nope\"\n")).contains("routes[0].upstream"));
+        assert!(err(&format!("{TOR}[[routes]]\nhosts = [\"a\"]\nmode = \"deny\"\nupstream = \"tor\"\n")).contains("routes[0].upstream"));
+        assert!(err(&format!("{TOR}isolate_by_client = true\ncredentials_file = \"c\"\n")).contains("isolate_by_client"));
+        assert!(err(&format!("{TOR}ca_file = \"ca.pem\"\n")).contains("ca_file"));
+        assert!(err(&format!("{TOR}health_check = \"0s\"\n")).contains("health_check"));
+    }
+
+    #[test]
+    fn a_mitm_route_cannot_use_an_https_parent() {
+        let text = "[[upstreams]]\nname = \"p\"\nurl = \"https://127.0.0.1:8443\"\n[[routes]]\nhosts = [\"a\"]\nmode = \"mitm\"\nupstream = \"p\"\n[mitm]\nca_cert = \"c\"\nca_key = \"k\"\n";
+        assert!(err(text).contains("https:// parent"), "{}", err(text));
+    }
+
+    #[test]
+    fn outcome_labels_match_the_registered_ones() {
+        let labels: Vec<_> = crate::dial::parent::Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(labels, crate::metrics::UPSTREAM_OUTCOMES);
+    }
+}
