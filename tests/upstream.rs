@@ -339,3 +339,74 @@ async fn every_member_down_is_a_502_with_its_reason() {
     expect_metric(&proxy, "veilgate_refusals_total{reason=\"parents_down\"}", 1.0).await;
     assert_eq!(origin.connections(), 0);
 }
+
+/// A parent that accepts and then says nothing more after `answer` (the SOCKS5 greeting
+/// reply, or nothing at all), holding each connection; counts connections.
+async fn mute_parent(answer: &'static [u8]) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&count);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut greeting = [0u8; 3];
+                if s.read_exact(&mut greeting).await.is_ok() && !answer.is_empty() {
+                    let _ = s.write_all(answer).await;
+                }
+                let mut rest = [0u8; 512];
+                while matches!(s.read(&mut rest).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn deadlines_bound_every_step_and_say_whose_they_were() {
+    let origin = Origin::echo().await;
+    // Greets, then never answers the CONNECT: the parent is alive and working on the origin.
+    let (slow_origin, _) = mute_parent(&[5, 0]).await;
+    // Accepts, then never greets: the parent itself is stuck.
+    let (stuck, _) = mute_parent(&[]).await;
+    let proxy = TestProxy::start(&format!(
+        "{}\n[server]\nconnect_timeout = \"300ms\"\n\
+         [[upstreams]]\nname = \"slow\"\nurl = \"socks5h://{slow_origin}\"\nhealth_check = \"1h\"\n\
+         [[upstreams]]\nname = \"stuck\"\nurl = \"socks5h://{stuck}\"\nhealth_check = \"1h\"\n\
+         [[routes]]\nhosts = [\"localhost\"]\nupstream = \"slow\"\n[[routes]]\nhosts = [\"127.0.0.1\"]\nupstream = \"stuck\"\n",
+        loopback_policy(&[origin.port()])
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    assert_eq!(status_of(&proxy, &format!("localhost:{}", origin.port())).await, 504);
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "within connect_timeout: {:?}", started.elapsed());
+    expect_metric(&proxy, &series("upstream_tunnels_total", "slow", "timeout"), 1.0).await;
+    expect_metric(&proxy, &up("slow"), 1.0).await;
+    // The stuck parent: its health check or this tunnel (whichever ends first) times out
+    // and takes it down; the client gets 504 or, once it is down, 502. Never a hang.
+    let status = status_of(&proxy, &origin.addr.to_string()).await;
+    assert!(status == 504 || status == 502, "{status}");
+    expect_metric(&proxy, &up("stuck"), 0.0).await;
+    expect_metric(&proxy, "veilgate_refusals_total{reason=\"upstream_timeout\"}", if status == 504 { 2.0 } else { 1.0 })
+        .await;
+    assert_eq!(origin.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_reload_stops_the_old_health_checks() {
+    let (parent, checks) = mute_parent(&[5, 0]).await;
+    let base = "[policy]\nallowed_ports = [443]\n";
+    let proxy = TestProxy::start(&format!(
+        "{base}[[upstreams]]\nname = \"p\"\nurl = \"socks5h://{parent}\"\nhealth_check = \"20ms\"\n"
+    ))
+    .await;
+    let count = || checks.load(std::sync::atomic::Ordering::SeqCst);
+    eventually("health checks running", async || count(), |n| *n >= 3).await;
+    proxy.controller.reload(test_config(base)).unwrap();
+    // One check may have been under way when the reload came; none starts after it.
+    let after = count();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(count() <= after + 1, "checks went on after the reload: {after} then {}", count());
+}
