@@ -410,3 +410,61 @@ async fn a_reload_stops_the_old_health_checks() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(count() <= after + 1, "checks went on after the reload: {after} then {}", count());
 }
+
+#[test]
+fn refused_parent_credentials_are_one_log_line_that_says_so_and_never_the_password() {
+    use common::child::{Veilgate, exchange, free_port};
+    use std::process::{Command, Stdio};
+    let Some(ms) = Microsocks::start("refused_parent_credentials_log", None, Some(("alice", "right-pass-1"))) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let creds = secret(dir.path(), "corp.cred", "alice:wrong-pass-2\n");
+    let file = dir.path().join("veilgate.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n[[upstreams]]\nname = \"corp\"\nurl = \"socks5h://{}\"\ncredentials_file = \"{}\"\nhealth_check = \"1h\"\n\
+             [[routes]]\nhosts = [\"localhost\"]\nupstream = \"corp\"\n",
+            loopback_policy(&[443]),
+            ms.addr,
+            creds.display()
+        ),
+    )
+    .unwrap();
+    let (proxy, admin) = (free_port(), free_port());
+    let proxy: SocketAddr = format!("127.0.0.1:{proxy}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_veilgate"))
+        .args(["run", "-c", &file.display().to_string(), "--listen", &proxy.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .env("VEILGATE_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut vg = Veilgate(child);
+    let (log, reader) = vg.gather_log();
+    let lines = || log.lock().unwrap().clone();
+    let down = eventually_blocking(
+        "the line saying the parent refused our credentials",
+        || lines().into_iter().find(|l| l.contains("parent proxy marked down")),
+        Option::is_some,
+    )
+    .unwrap();
+    assert!(down.contains("the parent refused our credentials") && down.contains("corp"), "{down}");
+    let answer = exchange(proxy, b"CONNECT localhost:443 HTTP/1.1\r\n\r\n").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+    let refused = eventually_blocking(
+        "the refusal's line",
+        || lines().into_iter().find(|l| l.contains("refused: ")),
+        Option::is_some,
+    )
+    .unwrap();
+    assert!(refused.contains("parents_down"), "{refused}");
+    drop(vg);
+    reader.join().unwrap();
+    let all = lines();
+    assert_eq!(all.iter().filter(|l| l.contains("parent proxy marked down")).count(), 1, "{all:#?}");
+    assert!(all.iter().all(|l| !l.contains("wrong-pass-2") && !l.contains("right-pass-1")), "{all:#?}");
+}
