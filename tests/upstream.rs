@@ -267,8 +267,7 @@ async fn a_second_veilgate_as_an_https_parent() {
     expect_metric(&proxy, &series("upstream_tunnels_total", "tls", "connected"), 1.0).await;
     // A parent whose certificate the roots do not trust is never used: the health check's
     // handshake takes it down.
-    eventually("the untrusted parent marked down", async || proxy.metric(&up("untrusted")).await, |v| *v == 0.0)
-        .await;
+    eventually("the untrusted parent marked down", async || proxy.metric(&up("untrusted")).await, |v| *v == 0.0).await;
     assert_eq!(status_of(&proxy, &origin.addr.to_string()).await, 502);
     assert_eq!(origin.connections(), 1);
 }
@@ -389,8 +388,12 @@ async fn deadlines_bound_every_step_and_say_whose_they_were() {
     let status = status_of(&proxy, &origin.addr.to_string()).await;
     assert!(status == 504 || status == 502, "{status}");
     expect_metric(&proxy, &up("stuck"), 0.0).await;
-    expect_metric(&proxy, "veilgate_refusals_total{reason=\"upstream_timeout\"}", if status == 504 { 2.0 } else { 1.0 })
-        .await;
+    expect_metric(
+        &proxy,
+        "veilgate_refusals_total{reason=\"upstream_timeout\"}",
+        if status == 504 { 2.0 } else { 1.0 },
+    )
+    .await;
     assert_eq!(origin.connections(), 0);
 }
 

@@ -266,13 +266,26 @@ mod validation {
         assert!(err(&TOR.replace("tor\"", "a b\"")).contains("upstreams[0].name"));
         assert!(err(&TOR.replace("socks5h", "socks4")).contains("socks4"));
         assert!(err(&TOR.replace("127.0.0.1", "u:p@127.0.0.1")).contains("credentials_file"));
-        assert!(err(&format!("{TOR}[[upstream_groups]]\nname = \"tor\"\nmembers = [\"tor\"]\n")).contains("upstream_groups[0].name"));
+        assert!(
+            err(&format!("{TOR}[[upstream_groups]]\nname = \"tor\"\nmembers = [\"tor\"]\n"))
+                .contains("upstream_groups[0].name")
+        );
         assert!(err(&format!("{TOR}[[upstream_groups]]\nname = \"g\"\nmembers = [\"nope\"]\n")).contains("members[0]"));
         assert!(err(&format!("{TOR}[[upstream_groups]]\nname = \"g\"\nmembers = []\n")).contains("members"));
-        assert!(err(&format!("{TOR}[[upstream_groups]]\nname = \"g\"\nmembers = [\"tor\"]\nstrategy = \"random\"\n")).contains("strategy"));
-        assert!(err(&format!("{TOR}[[routes]]\nhosts = [\"a\"]\nupstream = \"nope\"\n")).contains("routes[0].upstream"));
-        assert!(err(&format!("{TOR}[[routes]]\nhosts = [\"a\"]\nmode = \"deny\"\nupstream = \"tor\"\n")).contains("routes[0].upstream"));
-        assert!(err(&format!("{TOR}isolate_by_client = true\ncredentials_file = \"c\"\n")).contains("isolate_by_client"));
+        assert!(
+            err(&format!("{TOR}[[upstream_groups]]\nname = \"g\"\nmembers = [\"tor\"]\nstrategy = \"random\"\n"))
+                .contains("strategy")
+        );
+        assert!(
+            err(&format!("{TOR}[[routes]]\nhosts = [\"a\"]\nupstream = \"nope\"\n")).contains("routes[0].upstream")
+        );
+        assert!(
+            err(&format!("{TOR}[[routes]]\nhosts = [\"a\"]\nmode = \"deny\"\nupstream = \"tor\"\n"))
+                .contains("routes[0].upstream")
+        );
+        assert!(
+            err(&format!("{TOR}isolate_by_client = true\ncredentials_file = \"c\"\n")).contains("isolate_by_client")
+        );
         assert!(err(&format!("{TOR}ca_file = \"ca.pem\"\n")).contains("ca_file"));
         assert!(err(&format!("{TOR}health_check = \"0s\"\n")).contains("health_check"));
     }

@@ -429,7 +429,7 @@ impl Via {
                         (mix(fnv1a(&bytes)), m)
                     })
                     .collect();
-                scored.sort_by(|a, b| b.0.cmp(&a.0));
+                scored.sort_by_key(|s| std::cmp::Reverse(s.0));
                 scored.into_iter().map(|(_, m)| m).collect()
             }
         }
@@ -491,8 +491,11 @@ impl Parents {
     /// Loads every upstream's credentials and TLS roots and resolves each route's name.
     pub fn build(config: &Config) -> Result<Parents, ParentError> {
         let connect_timeout = config.server.connect_timeout.0;
-        let upstreams: Vec<Arc<Upstream>> =
-            config.upstreams.iter().map(|u| Upstream::load(u, connect_timeout).map(Arc::new)).collect::<Result<_, _>>()?;
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| Upstream::load(u, connect_timeout).map(Arc::new))
+            .collect::<Result<_, _>>()?;
         let by_name = |n: &str| upstreams.iter().find(|u| &*u.name == n).cloned();
         let mut vias: HashMap<&str, Arc<Via>> = HashMap::new();
         for u in &upstreams {
@@ -555,7 +558,8 @@ mod tests {
             health_check: crate::config::HumanDuration(Duration::from_secs(1)),
             ca_file: None,
         };
-        let members = names.iter().map(|n| Arc::new(Upstream::load(&cfg(n), Duration::from_secs(1)).unwrap())).collect();
+        let members =
+            names.iter().map(|n| Arc::new(Upstream::load(&cfg(n), Duration::from_secs(1)).unwrap())).collect();
         Via { members, strategy, next: AtomicUsize::new(0) }
     }
 
@@ -572,9 +576,8 @@ mod tests {
         assert_eq!(firsts, ["a", "b", "c", "a"]);
         let h = via(Strategy::Hash, &["a", "b", "c", "d"]);
         assert_eq!(names(h.order(c)), names(h.order(c)), "the same client, the same order");
-        let picks: std::collections::HashSet<String> = (0..64u8)
-            .map(|i| names(h.order(ClientTag::of(&ClientKey::V4([10, 0, 0, i].into()))))[0].clone())
-            .collect();
+        let picks: std::collections::HashSet<String> =
+            (0..64u8).map(|i| names(h.order(ClientTag::of(&ClientKey::V4([10, 0, 0, i].into()))))[0].clone()).collect();
         assert_eq!(picks.len(), 4, "64 clients spread over all four members");
     }
 
