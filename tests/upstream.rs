@@ -67,9 +67,10 @@ fn secret(dir: &Path, name: &str, text: &str) -> PathBuf {
 async fn bytes_are_exact_through_microsocks_with_the_name_resolved_by_it() {
     let Some(ms) = Microsocks::start("bytes_are_exact_through_microsocks", None, None) else { return };
     let origin = Origin::echo().await;
+    let closed = common::child::free_port();
     let proxy = TestProxy::start(&format!(
         "{}\n[[upstreams]]\nname = \"ms\"\nurl = \"socks5h://{}\"\n[[routes]]\nhosts = [\"localhost\"]\nupstream = \"ms\"\n",
-        loopback_policy(&[origin.port()]),
+        loopback_policy(&[origin.port(), closed]),
         ms.addr
     ))
     .await;
@@ -78,6 +79,12 @@ async fn bytes_are_exact_through_microsocks_with_the_name_resolved_by_it() {
     tunnel_ok(&proxy, None, &origin.addr.to_string()).await;
     expect_metric(&proxy, &series("upstream_tunnels_total", "ms", "connected"), 1.0).await;
     expect_metric(&proxy, &series("upstream_tunnels_total", "ms", "parent_failed"), 0.0).await;
+    expect_metric(&proxy, &up("ms"), 1.0).await;
+    // The parent's "connection refused" (reply 5) is the origin's failure: 502, and the
+    // parent stays up.
+    assert_eq!(status_of(&proxy, &format!("localhost:{closed}")).await, 502);
+    expect_metric(&proxy, &series("upstream_tunnels_total", "ms", "origin_failed"), 1.0).await;
+    expect_metric(&proxy, "veilgate_refusals_total{reason=\"upstream_failed\"}", 1.0).await;
     expect_metric(&proxy, &up("ms"), 1.0).await;
     assert_eq!(origin.connections(), 2);
 }
