@@ -1,5 +1,6 @@
-//! The admin listener: `GET /healthz` (alive), `GET /readyz` (accepting; 503 while draining)
-//! and `GET /metrics` (Prometheus text); `HEAD` for each. A deliberately tiny HTTP/1.1 server:
+//! The admin listener: `GET /healthz` (alive), `GET /readyz` (accepting; 503 while draining),
+//! `GET /metrics` (Prometheus text), and with their sections on `/clients`, `/tunnels` and
+//! `/proxy.pac`; `HEAD` for each. A deliberately tiny HTTP/1.1 server:
 //! one request per connection, a bounded head and deadlines, and a bound on connections held,
 //! so a scraper, a probe or a flood can never pin it, nor take the descriptors the proxy
 //! listener needs (the process has one descriptor table for both).
@@ -190,6 +191,10 @@ async fn answer(mut stream: TcpStream, ctx: &Context) -> std::io::Result<()> {
             let body = body.unwrap_or_else(|_| "{}".into()) + "\n";
             respond(s, 200, "application/json", &body, head_only).await
         }
+        "/proxy.pac" => match crate::pac::render(&ctx.shared().config.pac, &ctx.tls_listeners) {
+            Some(body) => respond(s, 200, crate::pac::CONTENT_TYPE, &body, head_only).await,
+            None => respond(s, 404, "text/plain", "no PAC file (pac.enabled)\n", head_only).await,
+        },
         _ => respond(s, 404, "text/plain", "not found\n", head_only).await,
     }
 }

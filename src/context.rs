@@ -129,6 +129,9 @@ pub struct Context {
     pub stop: CancellationToken,
     /// Live tunnels and recent refusals per client, filled only with `admin.inspect`.
     pub inspect: Arc<crate::inspect::Registry>,
+    /// The TLS listeners' bound addresses (ports chosen), which `/proxy.pac` announces by
+    /// default.
+    pub tls_listeners: Vec<SocketAddr>,
 }
 
 impl Context {
@@ -148,6 +151,7 @@ impl Context {
             draining: CancellationToken::new(),
             stop: CancellationToken::new(),
             inspect: Arc::default(),
+            tls_listeners: Vec::new(),
         }
     }
 

@@ -40,6 +40,7 @@ pub mod logthrottle;
 pub mod meter;
 pub mod metrics;
 pub mod mitm;
+pub mod pac;
 pub mod policy;
 pub mod probe;
 pub mod relay;

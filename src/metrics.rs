@@ -122,6 +122,12 @@ pub struct ListenerMetrics {
     pub accept_errors: Counter,
     /// PROXY protocol headers accepted, by kind ([`PROXY_HEADERS`]).
     proxy_headers: HashMap<&'static str, Counter>,
+    /// TLS sessions established on the TLS listeners, by the protocol ALPN chose: how many
+    /// clients speak HTTP/2 to the proxy (one connection for all their tunnels) and how many
+    /// open one connection per tunnel.
+    pub tls_sessions_h2: Counter,
+    /// The same, HTTP/1.1 (or no ALPN, which means HTTP/1.1).
+    pub tls_sessions_h1: Counter,
 }
 
 impl ListenerMetrics {
@@ -153,9 +159,14 @@ impl ListenerMetrics {
                     (*kind, r.counter("veilgate_proxy_protocol_headers_total", help, &[("kind", kind)]))
                 })
                 .collect(),
+            tls_sessions_h2: r.counter(TLS_SESSIONS, TLS_SESSIONS_HELP, &[("protocol", "h2")]),
+            tls_sessions_h1: r.counter(TLS_SESSIONS, TLS_SESSIONS_HELP, &[("protocol", "http/1.1")]),
         }
     }
 }
+
+const TLS_SESSIONS: &str = "veilgate_tls_sessions_total";
+const TLS_SESSIONS_HELP: &str = "TLS sessions established on the TLS listeners, by protocol (h2, http/1.1).";
 
 /// Tunnels by mode: open now, ended by outcome, bytes by direction, lifetime.
 pub struct TunnelMetrics {

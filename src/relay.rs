@@ -45,6 +45,26 @@ pub trait Flow: Send {
     }
 }
 
+/// The error a stream gives when its peer ended it in a way its protocol calls normal but a
+/// byte stream cannot express: an HTTP/2 client resets a CONNECT stream with `CANCEL` when
+/// the page that used it goes away, and says goodbye to the whole connection with `GOAWAY`
+/// (`NO_ERROR`). The relay ends that direction as it would at EOF, so the tunnel is counted
+/// `closed`, not `error`, and the error rate stays a signal.
+#[derive(Debug, thiserror::Error)]
+#[error("the peer ended the stream")]
+pub struct PeerEnded;
+
+impl PeerEnded {
+    /// As an I/O error, which is what readers and writers return.
+    pub fn io() -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionAborted, PeerEnded)
+    }
+
+    fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<PeerEnded>())
+    }
+}
+
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -163,7 +183,10 @@ where
 {
     for piece in first.chunks(flow.max_chunk().unwrap_or(BUF_SIZE).max(1)) {
         flow.inspect(piece);
-        pass(flow, activity, piece.len(), || write_out(w, piece)).await?;
+        match pass(flow, activity, piece.len(), || write_out(w, piece)).await {
+            Err(e) if PeerEnded::is(&e) => return Ok(()),
+            r => r?,
+        }
     }
     // Start small and grow when reads fill the buffer: an idle tunnel holds 4 KiB per
     // direction here, a busy one the full BUF_SIZE.
@@ -173,7 +196,7 @@ where
         let len = limit.min(buf.len());
         let n = match r.read(&mut buf[..len]).await {
             Ok(n) => n,
-            Err(e) if flow.clean_end(&e) => 0,
+            Err(e) if flow.clean_end(&e) || PeerEnded::is(&e) => 0,
             Err(e) => return Err(e),
         };
         if n == buf.len() && buf.len() < BUF_SIZE {
@@ -182,12 +205,16 @@ where
         if n == 0 {
             // Half-close: pass the EOF on and let the other direction finish.
             return match w.shutdown().await {
-                Err(e) if !flow.clean_end(&e) => Err(e),
+                Err(e) if !flow.clean_end(&e) && !PeerEnded::is(&e) => Err(e),
                 _ => Ok(()),
             };
         }
         flow.inspect(&buf[..n]);
-        pass(flow, activity, n, || write_out(w, &buf[..n])).await?;
+        match pass(flow, activity, n, || write_out(w, &buf[..n])).await {
+            // The reader of this direction is gone; what is left unread was not wanted.
+            Err(e) if PeerEnded::is(&e) => return Ok(()),
+            r => r?,
+        }
     }
 }
 

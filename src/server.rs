@@ -89,7 +89,9 @@ impl Proxy {
             }
         }
         let shared = Shared::build(config, &own)?;
-        let ctx = Arc::new(Context::new(shared, own, &bound));
+        let mut ctx = Context::new(shared, own, &bound);
+        ctx.tls_listeners = listeners.iter().filter(|(_, _, k)| *k == Kind::Tls).map(|(a, _, _)| *a).collect();
+        let ctx = Arc::new(ctx);
         Ok(Proxy { listeners, admin, ctx })
     }
 

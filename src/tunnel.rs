@@ -75,6 +75,11 @@ impl<C: ClientConn> Tunnel<C> {
             Mode::Tunnel => false,
             Mode::Mitm => true,
         };
+        // Before admission: a target policy refuses costs the client no rate token and no
+        // place under its cap, and the cluster backend is not asked about it.
+        if let Err(r) = shared.acl.check_target(&req.target) {
+            return self.refuse(r, &req).await;
+        }
         let admit = AdmitRequest { client: &key, route: route.index.and_then(|i| shared.route_ids.get(i)) };
         let lease = match ctx.governor.admit(admit).await {
             Ok(lease) => lease,
@@ -91,9 +96,6 @@ impl<C: ClientConn> Tunnel<C> {
             .admin
             .inspect
             .then(|| ctx.inspect.register(key, self.client.addr.ip(), req.target.to_string(), route.mode));
-        if let Err(r) = shared.acl.check_target(&req.target) {
-            return self.refuse(r, &req).await;
-        }
         let upstream = match shared.dialer.dial(&req.target, egress).await {
             Ok(d) => d,
             Err(e) => {

@@ -112,12 +112,81 @@ async fn refusals_are_per_stream_and_a_reset_gives_the_place_back() {
     assert_eq!(echo(&mut send, &mut recv, b"after refusals").await, b"after refusals");
     assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"client_cap\"}").await, 1.0);
     assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"port_denied\"}").await, 1.0);
-    // A reset stream releases its place: the next one is admitted.
+    // A reset stream releases its place: the next one is admitted. CANCEL is how a browser
+    // ends a tunnel it no longer needs: counted as closed, not as an error.
     send.send_reset(h2::Reason::CANCEL);
     eventually("the reset tunnel ended", async || proxy.controller.active_tunnels(), |n| *n == 0).await;
+    let closed = "veilgate_tunnels_total{mode=\"tunnel\",outcome=\"closed\"}";
+    let failed = "veilgate_tunnels_total{mode=\"tunnel\",outcome=\"error\"}";
+    eventually("the cancelled tunnel counted", async || proxy.metric(closed).await, |n| *n == 1.0).await;
+    assert_eq!(proxy.metric(failed).await, 0.0);
     let (status, mut send, mut recv) = open(&mut h2, &target).await;
     assert_eq!(status, 200);
     assert_eq!(echo(&mut send, &mut recv, b"again").await, b"again");
+    // A reset that says something went wrong is a failed tunnel.
+    send.send_reset(h2::Reason::INTERNAL_ERROR);
+    eventually("the failed tunnel counted", async || proxy.metric(failed).await, |n| *n == 1.0).await;
+    assert_eq!(proxy.metric(closed).await, 1.0);
+}
+
+#[tokio::test]
+async fn fifty_streams_to_fifty_targets_on_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let mut origins = Vec::new();
+    for _ in 0..50 {
+        origins.push(Origin::echo().await);
+    }
+    let ports: Vec<u16> = origins.iter().map(Origin::port).collect();
+    let mut config = pki.listener_config(dir.path(), ports[0], "[limits.per_client]\nmax_tunnels = 50\n");
+    config = config.replace(&loopback_policy(&[ports[0]]), &loopback_policy(&ports));
+    let proxy = TestProxy::start(&config).await;
+    let mut h2 = h2_connect(&pki, proxy.tls[0]).await;
+    let mut streams = Vec::new();
+    for port in &ports {
+        let (status, send, recv) = open(&mut h2, &format!("127.0.0.1:{port}")).await;
+        assert_eq!(status, 200, "stream to port {port}");
+        streams.push((send, recv));
+    }
+    // A denied target and one over the client's cap get their status on their own stream.
+    let (status, _s, mut denied) = open(&mut h2, "127.0.0.1:9").await;
+    assert_eq!(status, 403);
+    assert!(body(&mut denied).await.contains("port_denied"));
+    let (status, _s, _r) = open(&mut h2, &format!("127.0.0.1:{}", ports[0])).await;
+    assert_eq!(status, 429, "the streams of one connection count against one client's cap");
+    // Every stream relays its own bytes, all at once.
+    let mut set = tokio::task::JoinSet::new();
+    for (i, (mut send, mut recv)) in streams.drain(..).enumerate() {
+        set.spawn(async move {
+            let data = pattern(32 * 1024, i as u64);
+            let exact = echo(&mut send, &mut recv, &data).await == data;
+            (i, exact, send, recv)
+        });
+    }
+    let mut back = Vec::new();
+    while let Some(done) = bounded(set.join_next()).await {
+        back.push(done.unwrap());
+    }
+    back.sort_by_key(|b| b.0);
+    let inexact: Vec<usize> = back.iter().filter(|b| !b.1).map(|b| b.0).collect();
+    assert!(back.len() == 50 && inexact.is_empty(), "streams with wrong bytes: {inexact:?}");
+    streams = back.into_iter().map(|(_, _, send, recv)| (send, recv)).collect();
+    assert!(origins.iter().all(|o| o.connections() == 1), "one upstream connection per target");
+    // Resets give their places back: ten cancelled, ten new ones admitted.
+    for (send, _) in streams.iter_mut().take(10) {
+        send.send_reset(h2::Reason::CANCEL);
+    }
+    eventually("ten tunnels ended", async || proxy.controller.active_tunnels(), |n| *n == 40).await;
+    for port in &ports[..10] {
+        let (status, mut send, mut recv) = open(&mut h2, &format!("127.0.0.1:{port}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(echo(&mut send, &mut recv, b"again").await, b"again");
+        streams.push((send, recv));
+    }
+    assert_eq!(proxy.controller.active_tunnels(), 50);
+    assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"client_cap\"}").await, 1.0);
+    assert_eq!(proxy.metric("veilgate_refusals_total{reason=\"port_denied\"}").await, 1.0);
+    assert_eq!(proxy.metric("veilgate_tls_sessions_total{protocol=\"h2\"}").await, 1.0, "all on one connection");
 }
 
 #[tokio::test]

@@ -180,6 +180,26 @@ async fn curl_speaks_to_the_https_proxy() {
     let out = bounded(out).await.unwrap();
     assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "through TLS\n");
+    assert_eq!(proxy.metric("veilgate_tls_sessions_total{protocol=\"http/1.1\"}").await, 1.0);
+    // HTTP/2 to the proxy: curl 8.1 and later.
+    let help = std::process::Command::new("curl").args(["--help", "all"]).output().unwrap();
+    if !String::from_utf8_lossy(&help.stdout).contains("--proxy-http2") {
+        eprintln!(
+            "SKIPPED the --proxy-http2 half of curl_speaks_to_the_https_proxy: this curl (before 8.1) has no --proxy-http2"
+        );
+        return;
+    }
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--proxytunnel", "--proxy-http2", "--proxy-cacert"])
+        .arg(&ca)
+        .arg("--proxy")
+        .arg(format!("https://localhost:{}", proxy.tls[0].port()))
+        .arg(format!("http://127.0.0.1:{}/", origin.port()))
+        .output();
+    let out = bounded(out).await.unwrap();
+    assert!(out.status.success(), "curl --proxy-http2 failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through TLS\n");
+    assert_eq!(proxy.metric("veilgate_tls_sessions_total{protocol=\"h2\"}").await, 1.0);
 }
 
 fn as_client(pki: &TestPki, cn: &str) -> Front {
@@ -279,4 +299,76 @@ async fn the_probe_speaks_to_the_https_proxy() {
     // A proxy certificate the probe does not trust is an error, not a verdict.
     let err = bounded(probe_with(&via, &target, Some(&roots), &Options::default())).await.unwrap_err();
     assert!(err.to_string().contains("TLS handshake with the proxy"), "{err}");
+}
+
+/// A TCP relay in front of `to` that records every byte its clients send: what anyone on the
+/// client's network would read.
+async fn tap(to: std::net::SocketAddr) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let record = std::sync::Arc::clone(&record);
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else { return };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = async {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                        record.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = sw.shutdown().await;
+                };
+                tokio::join!(up, async {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                });
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn the_local_network_reads_targets_and_passwords_on_the_plaintext_listener_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let origin = Origin::echo().await;
+    let htpasswd = htpasswd(dir.path(), &[("alice", "s3cret-pw", FAST_COST)]);
+    let extra = format!(
+        "[dns]\nhosts = {{ \"hidden-site.test\" = \"127.0.0.1\" }}\n[auth]\ncredentials_file = \"{}\"\n",
+        htpasswd.display()
+    );
+    let proxy = TestProxy::start(&pki.listener_config(dir.path(), origin.port(), &extra)).await;
+    let target = format!("hidden-site.test:{}", origin.port());
+    let mut seen_by_network = Vec::new();
+    for (front, listener) in [(Front::Plain, proxy.addr), (tls_front(&pki), proxy.tls[0])] {
+        let (via, seen) = tap(listener).await;
+        let mut client = Client::open(via, None, &front).await.expect("through the tap");
+        let head = client.connect_as(&target, Some("alice:s3cret-pw")).await;
+        assert_eq!(head.status, 200);
+        client.write_all(b"the same session").await.unwrap();
+        client.flush().await.unwrap();
+        let mut back = [0u8; 16];
+        bounded(client.read_exact(&mut back)).await.unwrap();
+        assert_eq!(&back, b"the same session");
+        let bytes = seen.lock().unwrap().clone();
+        seen_by_network.push(String::from_utf8_lossy(&bytes).into_owned());
+    }
+    let basic = base64_basic("alice:s3cret-pw");
+    let (plain, tls) = (&seen_by_network[0], &seen_by_network[1]);
+    assert!(plain.contains("hidden-site.test") && plain.contains(&basic) && plain.contains("the same session"));
+    for secret in ["hidden-site.test", &basic, "alice", "the same session"] {
+        assert!(!tls.contains(secret), "the TLS listener's client bytes show {secret:?}");
+    }
+}
+
+fn base64_basic(credentials: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(credentials)
 }

@@ -3,7 +3,7 @@
 //! typed values; nothing re-parses strings at run time.
 //!
 //! Each section is a module of its own holding its types, their defaults and its checks
-//! (`server`, `limits`, `policy`, `dns`, `auth`, `routes`, `mitm`, `log`, `cluster`), re-exported here so
+//! (`server`, `limits`, `policy`, `dns`, `auth`, `routes`, `mitm`, `log`, `cluster`, `admin`, `pac`), re-exported here so
 //! every path stays `crate::config::X`. A new key goes in its section's struct, with its rule
 //! in that section's `validate`; this module keeps only what spans sections.
 //!
@@ -18,6 +18,7 @@ mod dns;
 mod limits;
 mod log;
 mod mitm;
+mod pac;
 mod policy;
 pub mod proxy_protocol;
 mod routes;
@@ -37,6 +38,7 @@ pub use dns::{DnsConfig, HostAddrs};
 pub use limits::{LimitsConfig, PerClientLimits};
 pub use log::{ClientAddressLog, LogConfig, LogFormat};
 pub use mitm::MitmConfig;
+pub use pac::PacConfig;
 pub use policy::PolicyConfig;
 pub use proxy_protocol::{ProxyProtocol, validate_proxy_protocol};
 pub use routes::{Mode, RouteConfig, RouteLimits};
@@ -128,6 +130,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Parents chosen among by a strategy, named like an upstream.
     pub upstream_groups: Vec<UpstreamGroupConfig>,
+    /// The proxy auto-config file served at `/proxy.pac`.
+    pub pac: PacConfig,
 }
 
 impl Config {
@@ -226,6 +230,7 @@ impl Config {
             }
         }
         self.log.validate(origin)?;
+        self.pac.validate(origin, &self.server.tls_listen)?;
         Ok(())
     }
 

@@ -27,6 +27,7 @@ use super::{ClientConn, ClientId, ClientIo};
 use crate::connect::ConnectRequest;
 use crate::context::Context;
 use crate::error::Refusal;
+use crate::relay::PeerEnded;
 use crate::target::Target;
 use crate::tunnel::{self, Tunnel};
 
@@ -161,7 +162,7 @@ impl ClientConn for H2Conn {
     }
 
     fn into_io(self) -> H2Stream {
-        H2Stream { send: self.send, recv: self.recv, unread: Bytes::new(), ended: false }
+        H2Stream { send: self.send, recv: self.recv, unread: Bytes::new(), ended: false, peer_ended: false }
     }
 }
 
@@ -173,11 +174,29 @@ pub struct H2Stream {
     unread: Bytes,
     /// END_STREAM sent.
     ended: bool,
+    /// The client cancelled the stream or closed the connection politely: the other
+    /// direction ends quietly too instead of failing on a stream that is gone.
+    peer_ended: bool,
 }
 
 impl ClientIo for H2Stream {
     fn secure(&self) -> bool {
         true
+    }
+}
+
+impl H2Stream {
+    /// A stream error as the relay should see it: the client cancelling the stream or closing
+    /// the connection politely is the tunnel's normal end ([`PeerEnded`]); anything else
+    /// fails it.
+    fn stream_error(&mut self, e: h2::Error) -> io::Error {
+        let polite = matches!(e.reason(), Some(h2::Reason::NO_ERROR | h2::Reason::CANCEL));
+        if self.peer_ended || (polite && e.is_remote() && (e.is_reset() || e.is_go_away())) {
+            self.peer_ended = true;
+            PeerEnded::io()
+        } else {
+            io::Error::other(e)
+        }
     }
 }
 
@@ -194,7 +213,7 @@ impl AsyncRead for H2Stream {
                     let _ = recv.flow_control().release_capacity(data.len());
                     this.unread = data;
                 }
-                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                Some(Err(e)) => return Poll::Ready(Err(this.stream_error(e))),
                 None => return Poll::Ready(Ok(())),
             }
         }
@@ -207,20 +226,24 @@ impl AsyncRead for H2Stream {
 
 impl AsyncWrite for H2Stream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Cx<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let Some(send) = self.send.as_mut() else { return Poll::Ready(Err(io::ErrorKind::NotConnected.into())) };
+        let this = &mut *self;
+        if this.peer_ended {
+            return Poll::Ready(Err(PeerEnded::io()));
+        }
+        let Some(send) = this.send.as_mut() else { return Poll::Ready(Err(io::ErrorKind::NotConnected.into())) };
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
         send.reserve_capacity(data.len());
-        match ready!(send.poll_capacity(cx)) {
+        let sent = match ready!(send.poll_capacity(cx)) {
             Some(Ok(n)) => {
                 let n = n.min(data.len());
-                send.send_data(Bytes::copy_from_slice(&data[..n]), false).map_err(io::Error::other)?;
-                Poll::Ready(Ok(n))
+                send.send_data(Bytes::copy_from_slice(&data[..n]), false).map(|()| n)
             }
-            Some(Err(e)) => Poll::Ready(Err(io::Error::other(e))),
-            None => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-        }
+            Some(Err(e)) => Err(e),
+            None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+        };
+        Poll::Ready(sent.map_err(|e| this.stream_error(e)))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Cx<'_>) -> Poll<io::Result<()>> {
@@ -229,10 +252,13 @@ impl AsyncWrite for H2Stream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Cx<'_>) -> Poll<io::Result<()>> {
-        if !self.ended {
-            self.ended = true;
-            if let Some(send) = self.send.as_mut() {
-                send.send_data(Bytes::new(), true).map_err(io::Error::other)?;
+        let this = &mut *self;
+        if !this.ended && !this.peer_ended {
+            this.ended = true;
+            if let Some(send) = this.send.as_mut() {
+                if let Err(e) = send.send_data(Bytes::new(), true) {
+                    return Poll::Ready(Err(this.stream_error(e)));
+                }
             }
         }
         Poll::Ready(Ok(()))

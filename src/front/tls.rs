@@ -109,12 +109,14 @@ pub(crate) fn accepted(ctx: &Arc<Context>, tracker: &TaskTracker, stream: TcpStr
                         Ok(Some(tls)) => {
                             let client = ClientId { identity: identity(&tls), ..client };
                             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                ctx.metrics.listeners.tls_sessions_h2.increment(1);
                                 // Past the handshake the connection is no longer one head in
                                 // flight: each stream is admitted on its own.
                                 drop(permit);
                                 let left = deadline.saturating_sub(started.elapsed());
                                 return super::h2::serve(ctx, tls, client, left).await;
                             }
+                            ctx.metrics.listeners.tls_sessions_h1.increment(1);
                             super::h1::serve_after(ctx, tls, client, Some(permit), Vec::new(), started.elapsed()).await
                         }
                         Ok(None) => {}

@@ -71,10 +71,24 @@ impl TestPki {
     }
 
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        let mut cfg = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(self.leaf_chain.clone(), PrivateKeyDer::Pkcs8(self.leaf_key.clone_key()))
-            .unwrap();
+        Self::http1_server(self.leaf_chain.clone(), PrivateKeyDer::Pkcs8(self.leaf_key.clone_key()))
+    }
+
+    /// A server configuration (ALPN http/1.1) with a fresh leaf, signed by this CA, for
+    /// `names`: for an origin a browser must reach by a name that is not loopback (a browser
+    /// never sends loopback names to a proxy configured by PAC).
+    pub fn server_config_for(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let leaf = params.signed_by(&key, &self.issuer).unwrap();
+        Self::http1_server(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+
+    fn http1_server(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Arc<rustls::ServerConfig> {
+        let mut cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(chain, key).unwrap();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(cfg)
     }
@@ -114,9 +128,14 @@ pub struct TlsOrigin {
 
 impl TlsOrigin {
     pub async fn start(pki: &TestPki, body: &'static str) -> TlsOrigin {
+        TlsOrigin::start_with(pki.server_config(), body).await
+    }
+
+    /// The same origin with its own server configuration (another leaf).
+    pub async fn start_with(config: Arc<rustls::ServerConfig>, body: &'static str) -> TlsOrigin {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let task = tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
