@@ -176,6 +176,7 @@ impl Context {
         let next = Shared::build(config, &self.own)?;
         self.governor.update(&next.config);
         self.metrics.configured(&next.config);
+        next.parents.carry_health(&self.shared.load().parents);
         next.parents.start(&self.metrics);
         // The old snapshot's health checks stop here; its tunnels keep their parents.
         self.shared.swap(Arc::new(next)).parents.stop();

@@ -533,6 +533,17 @@ impl Parents {
         }
     }
 
+    /// Takes over the health of the parents `old` had with the same name and URL, so a
+    /// reload neither offers tunnels a parent known to be down nor flips its `upstream_up`
+    /// to 1 until the new snapshot's first check.
+    pub fn carry_health(&self, old: &Parents) {
+        for up in &self.upstreams {
+            if let Some(was) = old.upstreams.iter().find(|o| o.name == up.name && o.url == up.url) {
+                up.up.store(was.is_up(), Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Stops the health checks (the snapshot was replaced).
     pub fn stop(&self) {
         self.stop.cancel();
@@ -579,6 +590,26 @@ mod tests {
         let picks: std::collections::HashSet<String> =
             (0..64u8).map(|i| names(h.order(ClientTag::of(&ClientKey::V4([10, 0, 0, i].into()))))[0].clone()).collect();
         assert_eq!(picks.len(), 4, "64 clients spread over all four members");
+    }
+
+    #[test]
+    fn a_reload_keeps_a_parent_down_that_was_down() {
+        let text = |port: u16| {
+            format!(
+                "[[upstreams]]\nname = \"a\"\nurl = \"socks5h://127.0.0.1:9\"\n[[upstreams]]\nname = \"b\"\nurl = \"socks5h://127.0.0.1:{port}\"\n"
+            )
+        };
+        let build = |port| Parents::build(&Config::from_toml(&text(port), "t").unwrap()).unwrap();
+        let old = build(10);
+        let e = DialError { hop: Hop::Parent, kind: DialErrorKind::Failed, cause: Cause::Deadline };
+        old.upstreams.iter().for_each(|u| u.mark_down(&e));
+        let same = build(10);
+        same.carry_health(&old);
+        assert!(same.upstreams.iter().all(|u| !u.is_up()));
+        let moved = build(11);
+        moved.carry_health(&old);
+        assert!(!moved.upstreams[0].is_up(), "same name and URL: still down");
+        assert!(moved.upstreams[1].is_up(), "a new URL starts up, and its first check judges it");
     }
 
     #[test]
