@@ -46,6 +46,43 @@ async fn expect_metric(proxy: &TestProxy, series: &str, value: f64) {
     eventually(series, async || proxy.metric(series).await, |v| *v == value).await;
 }
 
+/// An echo origin on 127.0.0.1 and, where the host has IPv6 loopback, on [::1] at the same
+/// port: microsocks connects to the first address getaddrinfo gives for `localhost`, which is
+/// ::1 where /etc/hosts lists it. Tunnels counted over both.
+struct LocalhostEcho {
+    v4: Origin,
+    v6: Option<Origin>,
+}
+
+impl LocalhostEcho {
+    async fn start() -> LocalhostEcho {
+        let v4 = Origin::echo().await;
+        let bind = format!("[::1]:{}", v4.port());
+        let v6 = match std::net::TcpListener::bind(&bind) {
+            Ok(probe) => {
+                drop(probe);
+                Some(
+                    Origin::spawn_on(&bind, |mut s| async move {
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    })
+                    .await,
+                )
+            }
+            Err(_) => None,
+        };
+        LocalhostEcho { v4, v6 }
+    }
+
+    fn port(&self) -> u16 {
+        self.v4.port()
+    }
+
+    fn connections(&self) -> usize {
+        self.v4.connections() + self.v6.as_ref().map_or(0, Origin::connections)
+    }
+}
+
 fn series(name: &str, upstream: &str, outcome: &str) -> String {
     format!("veilgate_{name}{{upstream=\"{upstream}\",outcome=\"{outcome}\"}}")
 }
@@ -66,7 +103,7 @@ fn secret(dir: &Path, name: &str, text: &str) -> PathBuf {
 #[tokio::test]
 async fn bytes_are_exact_through_microsocks_with_the_name_resolved_by_it() {
     let Some(ms) = Microsocks::start("bytes_are_exact_through_microsocks", None, None) else { return };
-    let origin = Origin::echo().await;
+    let origin = LocalhostEcho::start().await;
     let closed = common::child::free_port();
     let proxy = TestProxy::start(&format!(
         "{}\n[[upstreams]]\nname = \"ms\"\nurl = \"socks5h://{}\"\n[[routes]]\nhosts = [\"localhost\"]\nupstream = \"ms\"\n",
@@ -76,7 +113,7 @@ async fn bytes_are_exact_through_microsocks_with_the_name_resolved_by_it() {
     .await;
     tunnel_ok(&proxy, None, &format!("localhost:{}", origin.port())).await;
     // A target no route sends to the parent is dialled directly: the origin sees veilgate.
-    tunnel_ok(&proxy, None, &origin.addr.to_string()).await;
+    tunnel_ok(&proxy, None, &origin.v4.addr.to_string()).await;
     expect_metric(&proxy, &series("upstream_tunnels_total", "ms", "connected"), 1.0).await;
     expect_metric(&proxy, &series("upstream_tunnels_total", "ms", "parent_failed"), 0.0).await;
     expect_metric(&proxy, &up("ms"), 1.0).await;
@@ -97,7 +134,7 @@ async fn microsocks_with_credentials_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let good = secret(dir.path(), "good", "alice:s3cret\n");
     let bad = secret(dir.path(), "bad", "alice:wrong\n");
-    let origin = Origin::echo().await;
+    let origin = LocalhostEcho::start().await;
     let proxy = TestProxy::start(&format!(
         "{}\n[[upstreams]]\nname = \"good\"\nurl = \"socks5h://{ms}\"\ncredentials_file = \"{}\"\n\
          [[upstreams]]\nname = \"bad\"\nurl = \"socks5h://{ms}\"\ncredentials_file = \"{}\"\n\
@@ -114,7 +151,7 @@ async fn microsocks_with_credentials_from_a_file() {
     // before any tunnel has to find out; the route's tunnels then get 502 at once.
     eventually("the parent with wrong credentials marked down", async || proxy.metric(&up("bad")).await, |v| *v == 0.0)
         .await;
-    assert_eq!(status_of(&proxy, &origin.addr.to_string()).await, 502);
+    assert_eq!(status_of(&proxy, &origin.v4.addr.to_string()).await, 502);
     expect_metric(&proxy, "veilgate_refusals_total{reason=\"parents_down\"}", 1.0).await;
     expect_metric(&proxy, &up("good"), 1.0).await;
     assert_eq!(origin.connections(), 1);
@@ -283,7 +320,7 @@ async fn a_second_veilgate_as_an_https_parent() {
 async fn failover_skips_a_dead_member_until_its_health_check_passes() {
     let Some(mut a) = Microsocks::start("failover_skips_a_dead_member", None, None) else { return };
     let Some(b) = Microsocks::start("failover_skips_a_dead_member", None, None) else { return };
-    let origin = Origin::echo().await;
+    let origin = LocalhostEcho::start().await;
     let target = format!("localhost:{}", origin.port());
     let (a_addr, b_addr) = (a.addr, b.addr);
     let config = |health: &str| {
