@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Auth, AuthError};
 use crate::config::diff::Changes;
 use crate::config::{ClientAddressLog, Config};
+use crate::dial::parent::{ParentError, Parents};
 use crate::dial::{Dialer, Resolver};
 use crate::error::Refusal;
 use crate::limits::pending::Pending;
@@ -40,6 +41,8 @@ pub struct Shared {
     /// route index: per-route limit state is keyed by it, and building it here spares every
     /// tunnel to such a route a string.
     pub route_ids: Vec<Arc<str>>,
+    /// `[[upstreams]]` and `[[upstream_groups]]` with their health, and each route's parent.
+    pub parents: Parents,
 }
 
 /// A configuration whose files could not be loaded.
@@ -54,6 +57,9 @@ pub enum LoadError {
     /// `server.tls_cert` / `server.tls_key`.
     #[error("server TLS listener: {0}")]
     Tls(CaError),
+    /// `[[upstreams]]`: credentials or TLS roots.
+    #[error(transparent)]
+    Parent(#[from] ParentError),
 }
 
 impl Shared {
@@ -78,8 +84,10 @@ impl Shared {
         };
         let acl = Arc::new(Acl::new(&config.policy, own.to_vec()));
         let route_ids = config.routes.iter().map(|r| Arc::from(r.key())).collect();
+        let parents = Parents::build(&config)?;
         Ok(Shared {
             route_ids,
+            parents,
             dialer: Dialer::new(Resolver::new(&config.dns), Arc::clone(&acl), config.server.connect_timeout.0),
             acl,
             auth,
@@ -131,6 +139,7 @@ impl Context {
     pub fn new(shared: Shared, own: Vec<SocketAddr>, listeners: &[SocketAddr]) -> Context {
         let metrics = Metrics::new(listeners);
         metrics.configured(&shared.config);
+        shared.parents.start(&metrics);
         Context {
             governor: Governor::build(&shared.config, metrics.cluster.clone()),
             pending: Pending::default(),
@@ -167,7 +176,10 @@ impl Context {
         let next = Shared::build(config, &self.own)?;
         self.governor.update(&next.config);
         self.metrics.configured(&next.config);
-        self.shared.store(Arc::new(next));
+        next.parents.carry_health(&self.shared.load().parents);
+        next.parents.start(&self.metrics);
+        // The old snapshot's health checks stop here; its tunnels keep their parents.
+        self.shared.swap(Arc::new(next)).parents.stop();
         Ok(changes)
     }
 }

@@ -74,6 +74,13 @@ pub enum Refusal {
     /// Upstream connect did not finish within `connect_timeout` (504).
     #[error("upstream connection timed out")]
     UpstreamTimeout,
+    /// The parent proxy could not be reached, failed its handshake or refused our
+    /// credentials (502); the log line's cause says which.
+    #[error("parent proxy failed")]
+    ParentFailed,
+    /// Every parent proxy the route may use is marked down (502).
+    #[error("every parent proxy of this route is down")]
+    ParentsDown,
     /// A TLS handshake arrived on a plaintext listener (400, which the client's TLS stack
     /// reports as a protocol error): the client was set up for an HTTPS proxy.
     #[error("TLS handshake on the plaintext listener; an HTTPS proxy client needs server.tls_listen")]
@@ -130,7 +137,7 @@ impl Unanswered {
 impl Refusal {
     /// Every `refusals_total` label, so counters can be registered (at zero) before the
     /// first refusal: the answered refusals', then the [`Unanswered`] closes'.
-    pub const REASONS: [&'static str; 29] = [
+    pub const REASONS: [&'static str; 31] = [
         "bad_request",
         "method_not_allowed",
         "auth_required",
@@ -155,6 +162,8 @@ impl Refusal {
         "plaintext_on_tls",
         "tls_required",
         "cluster_unavailable",
+        "parent_failed",
+        "parents_down",
         "proxy_protocol_untrusted",
         "proxy_protocol_missing",
         "proxy_protocol_malformed",
@@ -176,7 +185,7 @@ impl Refusal {
             Refusal::PortDenied | Refusal::HostDenied | Refusal::AddressDenied | Refusal::RouteDenied => 403,
             Refusal::ClientCap | Refusal::RouteCap | Refusal::ClientRate { .. } | Refusal::ClientPendingCap => 429,
             Refusal::GlobalCap | Refusal::PendingCap | Refusal::ClusterUnavailable => 503,
-            Refusal::DnsFailed | Refusal::UpstreamFailed => 502,
+            Refusal::DnsFailed | Refusal::UpstreamFailed | Refusal::ParentFailed | Refusal::ParentsDown => 502,
             Refusal::UpstreamTimeout => 504,
         }
     }
@@ -208,6 +217,8 @@ impl Refusal {
             Refusal::PlaintextOnTls => "plaintext_on_tls",
             Refusal::TlsRequired => "tls_required",
             Refusal::ClusterUnavailable => "cluster_unavailable",
+            Refusal::ParentFailed => "parent_failed",
+            Refusal::ParentsDown => "parents_down",
         }
     }
 }
@@ -243,6 +254,8 @@ mod tests {
             Refusal::PlaintextOnTls,
             Refusal::TlsRequired,
             Refusal::ClusterUnavailable,
+            Refusal::ParentFailed,
+            Refusal::ParentsDown,
         ];
         let unanswered = [
             Unanswered::ProxyProtocolUntrusted,

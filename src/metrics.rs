@@ -24,6 +24,9 @@ pub const MODES: [Mode; 2] = [Mode::Tunnel, Mode::Mitm];
 /// tunnel's `Outcome` gives (a test in `tunnel` keeps the two equal); `tls_failed` is an
 /// interception whose handshakes did not complete.
 pub const OUTCOMES: [&str; 5] = ["closed", "idle_timeout", "error", "shutdown", "tls_failed"];
+/// Outcomes of a dial through a parent (`upstream_tunnels_total{outcome}`), in the order of
+/// `dial::parent::Outcome::ALL` (a test there keeps the two equal).
+pub const UPSTREAM_OUTCOMES: [&str; 4] = ["connected", "parent_failed", "origin_failed", "timeout"];
 /// Accepted PROXY protocol headers (`proxy_protocol_headers_total{kind}`): `proxied` carried
 /// the client's address; `local` was a balancer's health check (closed, and not a refusal, so
 /// a check every few seconds does not look like trouble); `unknown` (v1 UNKNOWN, v2 UNSPEC,
@@ -38,6 +41,9 @@ const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 /// refusal reason needs only [`Refusal::REASONS`], which registers it at zero here.
 pub struct Metrics {
     handle: PrometheusHandle,
+    /// Kept for the series whose labels come from the config and may change on reload
+    /// (the parents' names: [`Metrics::upstream`]).
+    rec: std::sync::Arc<PrometheusRecorder>,
     /// Accepts on the listeners (the proxy's and the admin one).
     pub listeners: ListenerMetrics,
     /// Tunnels: open, ended, bytes relayed, lifetime.
@@ -88,6 +94,23 @@ impl Reg<'_> {
     fn histogram(&self, name: &'static str, help: &'static str) -> Histogram {
         self.rec.describe_histogram(KeyName::from_const_str(name), Some(Unit::Seconds), SharedString::const_str(help));
         self.rec.register_histogram(&Self::key(name, &[]), &Self::meta())
+    }
+}
+
+/// One parent proxy's series ([`Metrics::upstream`]).
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    tunnels: [Counter; 4],
+    /// `upstream_up`: 1 taken, 0 marked down.
+    pub up: Gauge,
+}
+
+impl UpstreamMetrics {
+    /// Counts one dial; `outcome` is one of [`UPSTREAM_OUTCOMES`].
+    pub fn tunnel(&self, outcome: &str) {
+        if let Some(i) = UPSTREAM_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.tunnels[i].increment(1);
+        }
     }
 }
 
@@ -493,9 +516,11 @@ impl Metrics {
             })
             .expect("bucket lists are not empty")
             .build_recorder();
+        let rec = std::sync::Arc::new(rec);
         let r = Reg { rec: &rec };
         let m = Metrics {
             handle: rec.handle(),
+            rec: std::sync::Arc::clone(&rec),
             listeners: ListenerMetrics::new(&r, listeners),
             tunnels: TunnelMetrics::new(&r),
             refusals: RefusalMetrics::new(&r),
@@ -515,6 +540,32 @@ impl Metrics {
         )
         .set(1.0);
         m
+    }
+
+    /// The series of the parent proxy `name` (a name from `[[upstreams]]`, so the label set
+    /// stays as small as the config): tunnels by outcome, registered at zero, and health.
+    /// Registering again on reload returns the same series.
+    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
+        let meta = Reg::meta();
+        let tunnels = UPSTREAM_OUTCOMES.map(|outcome| {
+            self.rec.describe_counter(
+                KeyName::from_const_str("veilgate_upstream_tunnels_total"),
+                None,
+                SharedString::const_str("Tunnels dialled through a parent proxy, by parent and outcome."),
+            );
+            let labels = vec![Label::new("upstream", name.to_string()), Label::new("outcome", outcome)];
+            self.rec.register_counter(&Key::from_parts("veilgate_upstream_tunnels_total", labels), &meta)
+        });
+        self.rec.describe_gauge(
+            KeyName::from_const_str("veilgate_upstream_up"),
+            None,
+            SharedString::const_str("1 while a parent proxy is taken for tunnels, 0 while it is marked down."),
+        );
+        let up = self.rec.register_gauge(
+            &Key::from_parts("veilgate_upstream_up", vec![Label::new("upstream", name.to_string())]),
+            &meta,
+        );
+        UpstreamMetrics { tunnels, up }
     }
 
     /// Prometheus text exposition.

@@ -14,7 +14,7 @@ use crate::auth::Verdict;
 use crate::config::{ClientAddressLog, Mode};
 use crate::connect::ConnectRequest;
 use crate::context::{Context, Shared};
-use crate::dial::{self, Egress};
+use crate::dial::{self, Stream};
 use crate::error::Refusal;
 use crate::front::{ClientConn, ClientId, ClientIo};
 use crate::limits::pending::PendingPermit;
@@ -87,6 +87,8 @@ impl<C: ClientConn> Tunnel<C> {
         };
         // Admitted: from here on the tunnel caps count this connection.
         self.pending = None;
+        // The route's way out, while the client's key is at hand (the live view takes it).
+        let egress = shared.parents.egress(route.index, &key);
         // In the live view from admission on (a failed dial leaves it again). The key moves
         // in here, so it is not carried through the dial and the relay.
         let live = shared
@@ -94,7 +96,7 @@ impl<C: ClientConn> Tunnel<C> {
             .admin
             .inspect
             .then(|| ctx.inspect.register(key, self.client.addr.ip(), req.target.to_string(), route.mode));
-        let upstream = match shared.dialer.dial(&req.target, Egress::default()).await {
+        let upstream = match shared.dialer.dial(&req.target, egress).await {
             Ok(d) => d,
             Err(e) => {
                 let detail = crate::detail::Detail::cause(e.cause);
@@ -105,7 +107,7 @@ impl<C: ClientConn> Tunnel<C> {
             dial::set_receive_buffer(tcp, bytes);
         }
         if let Some(bytes) = receive_window(&lease, Direction::Down) {
-            dial::set_receive_buffer(&upstream.stream, bytes);
+            dial::set_receive_buffer(upstream.stream.tcp(), bytes);
         }
         ctx.metrics.dial.upstream_connect.record(upstream.connect_time.as_secs_f64());
         if let Some(t) = upstream.lookup_time {
@@ -121,13 +123,23 @@ impl<C: ClientConn> Tunnel<C> {
         let client_io = conn.into_io();
         let report = Report { ctx: Arc::clone(&ctx), client, target: req.target.clone(), mode: route.mode, live };
         if intercept {
+            // Validation keeps mitm routes off https:// parents, so this is a TCP stream.
+            let Stream::Tcp(upstream) = upstream.stream else { return };
             // Boxed: the TLS handshakes' state is large, and a blind tunnel should not carry
             // room for it for its whole life.
-            let conn = (client_io, req.leftover, upstream.stream);
+            let conn = (client_io, req.leftover, upstream);
             Box::pin(report.intercept(shared, conn, lease, idle, handshake_deadline)).await;
         } else {
             drop(shared);
-            report.relay_blind(client_io, upstream.stream, req.leftover, lease, idle).await;
+            match upstream.stream {
+                Stream::Tcp(tcp) => report.relay_blind(client_io, tcp, req.leftover, lease, idle).await,
+                // Inside TLS to an https:// parent: the portable relay, boxed so a plain tunnel
+                // carries no room for it.
+                Stream::Tls(tls) => {
+                    let (client, upstream) = (tokio::io::split(client_io), tokio::io::split(*tls));
+                    Box::pin(report.relay(client, upstream, req.leftover, lease, idle, None)).await;
+                }
+            }
         }
     }
 

@@ -24,6 +24,7 @@ pub mod proxy_protocol;
 mod routes;
 mod server;
 pub mod units;
+mod upstreams;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -43,6 +44,7 @@ pub use proxy_protocol::{ProxyProtocol, validate_proxy_protocol};
 pub use routes::{Mode, RouteConfig, RouteLimits};
 pub use server::{ServerConfig, TlsClientAuth};
 pub use units::{ByteRate, HumanDuration, PortRange};
+pub use upstreams::{ParentScheme, Strategy, UpstreamConfig, UpstreamGroupConfig, UpstreamUrl};
 
 /// Longest timeout accepted: longer ones are mistakes, and far longer ones overflow clocks.
 const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -124,6 +126,10 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// What the admin listener offers beyond health and metrics.
     pub admin: AdminConfig,
+    /// Parent proxies routes can send tunnels through (`routes.upstream`).
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Parents chosen among by a strategy, named like an upstream.
+    pub upstream_groups: Vec<UpstreamGroupConfig>,
     /// The proxy auto-config file served at `/proxy.pac`.
     pub pac: PacConfig,
 }
@@ -169,6 +175,11 @@ impl Config {
                 m.upstream_roots = under(Path::new(&m.upstream_roots)).display().to_string();
             }
         }
+        for u in &mut self.upstreams {
+            for p in [&mut u.credentials_file, &mut u.ca_file].into_iter().flatten() {
+                *p = under(p);
+            }
+        }
     }
 
     /// The embedded defaults.
@@ -189,6 +200,8 @@ impl Config {
         for (i, route) in self.routes.iter().enumerate() {
             route.validate(origin, i)?;
         }
+        upstreams::validate(origin, &self.upstreams, &self.upstream_groups)?;
+        self.validate_route_upstreams(origin)?;
         // Cross-section: a `mitm` route is checked against `[mitm]` here, because without the
         // CA neither section alone is wrong, but the route could never be served.
         if let Some(i) = self.routes.iter().position(|r| r.mode == Mode::Mitm) {
@@ -218,6 +231,41 @@ impl Config {
         }
         self.log.validate(origin)?;
         self.pac.validate(origin, &self.server.tls_listen)?;
+        Ok(())
+    }
+
+    /// Cross-section: each `routes.upstream` names an upstream or a group, and the route can
+    /// use it.
+    fn validate_route_upstreams(&self, origin: &str) -> Result<(), ConfigError> {
+        for (i, route) in self.routes.iter().enumerate() {
+            let Some(name) = &route.upstream else { continue };
+            let key = format!("routes[{i}].upstream");
+            let members: Vec<&UpstreamConfig> = match self.upstreams.iter().find(|u| &u.name == name) {
+                Some(u) => vec![u],
+                None => match self.upstream_groups.iter().find(|g| &g.name == name) {
+                    Some(g) => self.upstreams.iter().filter(|u| g.members.contains(&u.name)).collect(),
+                    None => {
+                        return Err(ConfigError::invalid(
+                            origin,
+                            &key,
+                            format!("{name:?} is not an [[upstreams]] or [[upstream_groups]] name"),
+                        ));
+                    }
+                },
+            };
+            if route.mode == Mode::Deny {
+                return Err(ConfigError::invalid(origin, &key, "a deny route never dials; remove upstream".into()));
+            }
+            // The interception's upstream handshake runs on a TCP stream; an https:// parent's
+            // tunnel is inside TLS already.
+            if route.mode == Mode::Mitm && members.iter().any(|u| u.url.scheme == ParentScheme::Https) {
+                return Err(ConfigError::invalid(
+                    origin,
+                    &key,
+                    "a mitm route cannot go through an https:// parent (use http:// or socks5h://)".into(),
+                ));
+            }
+        }
         Ok(())
     }
 

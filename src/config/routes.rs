@@ -41,6 +41,10 @@ pub struct RouteConfig {
     /// Per-client limits for these destinations, counted apart from the client's others.
     #[serde(default)]
     pub per_client: Option<RouteLimits>,
+    /// The `[[upstreams]]` or `[[upstream_groups]]` entry these destinations go through;
+    /// none: veilgate dials them itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
 }
 
 impl RouteConfig {

@@ -2,12 +2,13 @@
 //!
 //! A [`Dialer`] is built with each configuration snapshot, next to the ACL and the resolver,
 //! and the tunnel reaches the outside only through [`Dialer::dial`]. The route chooses an
-//! [`Egress`]: today the direct way (optionally from a chosen source address); a parent
-//! proxy is one more variant, which is why a failure says which [`Hop`] failed, so a
-//! parent's failure is never mistaken for the origin's. [`DialError::refusal`] is the one
-//! place a failure becomes an answer on the wire.
+//! [`Egress`]: the direct way (optionally from a chosen source address), or a parent proxy
+//! ([`parent`]), which is why a failure says which [`Hop`] failed, so a parent's failure is
+//! never mistaken for the origin's. [`DialError::refusal`] is the one place a failure
+//! becomes an answer on the wire.
 
 mod connect;
+pub mod parent;
 mod resolve;
 
 use std::net::{IpAddr, SocketAddr};
@@ -23,8 +24,8 @@ use crate::error::Refusal;
 use crate::policy::Acl;
 use crate::target::{Host, Target};
 
-/// How a tunnel leaves the proxy. A parent proxy (SOCKS5, HTTP) will be a second variant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a tunnel leaves the proxy.
+#[derive(Debug, Clone)]
 pub enum Egress {
     /// Connect to the origin ourselves, from `bind` when set (an egress pool's address), else
     /// from whatever address the kernel picks.
@@ -32,6 +33,9 @@ pub enum Egress {
         /// Source address.
         bind: Option<IpAddr>,
     },
+    /// Through a parent proxy, or one of a group's (`routes.upstream`). Boxed, so the
+    /// direct way does not pay for it in every tunnel's state.
+    Parent(Box<parent::ParentEgress>),
 }
 
 impl Default for Egress {
@@ -47,8 +51,11 @@ pub enum Hop {
     Resolve,
     /// Every address was refused by policy.
     Policy,
-    /// Connecting to the origin.
+    /// Connecting to the origin (ourselves, or as a parent reports it).
     Origin,
+    /// Reaching a parent proxy or its handshake (connect, TLS, greeting, credentials): the
+    /// parent is marked down.
+    Parent,
 }
 
 /// What went wrong at that step.
@@ -62,6 +69,8 @@ pub enum DialErrorKind {
     Failed,
     /// Did not finish in time.
     Timeout,
+    /// Every parent the route may use is marked down.
+    Unavailable,
 }
 
 /// A failed dial: the hop and what happened there.
@@ -99,6 +108,18 @@ pub enum Cause {
     NoResolver,
     /// Policy refused every address the name has.
     Policy,
+    /// A SOCKS5 parent answered with this reply code (RFC 1928 §6).
+    Socks(u8),
+    /// An HTTP parent answered its CONNECT with this status.
+    ParentStatus(u16),
+    /// The parent refused our credentials (or wants some and we have none).
+    ParentAuth,
+    /// The parent's answer does not follow the protocol of its URL.
+    ParentProtocol,
+    /// The TLS handshake with an `https://` parent failed (its certificate, most often).
+    ParentTls,
+    /// Every parent of the route is down until a health check passes.
+    AllDown,
 }
 
 impl std::fmt::Display for Cause {
@@ -122,8 +143,29 @@ impl std::fmt::Display for Cause {
             Cause::DnsOther => "DNS error",
             Cause::NoResolver => "no DNS resolver",
             Cause::Policy => "every address denied by policy",
+            Cause::Socks(code) => return write!(f, "parent: {} (SOCKS reply {code})", socks_reply(*code)),
+            Cause::ParentStatus(code) => return write!(f, "parent answered {code}"),
+            Cause::ParentAuth => "the parent refused our credentials",
+            Cause::ParentProtocol => "the parent does not speak the protocol of its URL",
+            Cause::ParentTls => "TLS with the parent failed",
+            Cause::AllDown => "every parent of the route is down until a health check passes",
         };
         f.write_str(s)
+    }
+}
+
+/// RFC 1928 §6's words for a SOCKS5 reply code.
+fn socks_reply(code: u8) -> &'static str {
+    match code {
+        1 => "general SOCKS server failure",
+        2 => "connection not allowed by ruleset",
+        3 => "network unreachable",
+        4 => "host unreachable",
+        5 => "connection refused",
+        6 => "TTL expired",
+        7 => "command not supported",
+        8 => "address type not supported",
+        _ => "unassigned reply code",
     }
 }
 
@@ -133,22 +175,44 @@ impl DialError {
     }
 
     /// The answer on the wire (DESIGN §5): an address policy refuses is 403, a name with no
-    /// usable answer 502, a connect that fails 502 and one that times out 504.
+    /// usable answer 502, a connect that fails 502 and one that times out 504; a parent that
+    /// fails is 502 under its own reason, and so is a route whose parents are all down.
     pub fn refusal(&self) -> Refusal {
         match (self.hop, self.kind) {
             (_, DialErrorKind::Denied) => Refusal::AddressDenied,
+            (_, DialErrorKind::Unavailable) => Refusal::ParentsDown,
             (Hop::Resolve, _) | (_, DialErrorKind::NoAddress) => Refusal::DnsFailed,
             (_, DialErrorKind::Timeout) => Refusal::UpstreamTimeout,
+            (Hop::Parent, DialErrorKind::Failed) => Refusal::ParentFailed,
             (_, DialErrorKind::Failed) => Refusal::UpstreamFailed,
+        }
+    }
+}
+
+/// The stream a tunnel's upstream side relays on.
+pub enum Stream {
+    /// The origin's socket, or a parent's once its handshake is done: spliceable.
+    Tcp(TcpStream),
+    /// The tunnel inside TLS to an `https://` parent (boxed: its session state is large,
+    /// and the plain case should not carry room for it).
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::Tls(t) => t.get_ref().0,
         }
     }
 }
 
 /// A connected upstream.
 pub struct Dialed {
-    /// The socket, with TCP_NODELAY and keepalive set.
-    pub stream: TcpStream,
-    /// The address it is connected to (one that passed the ACL).
+    /// The socket (TCP_NODELAY and keepalive set), or the TLS session to a parent on it.
+    pub stream: Stream,
+    /// The address it is connected to: one that passed the ACL, or the parent's.
     pub addr: SocketAddr,
     /// Time spent connecting.
     pub connect_time: Duration,
@@ -171,8 +235,15 @@ impl Dialer {
     }
 
     /// Resolves `target`, drops every address the ACL refuses, and connects to what is left
-    /// by `egress`.
+    /// by `egress`; or has a parent proxy do it.
     pub async fn dial(&self, target: &Target, egress: Egress) -> Result<Dialed, DialError> {
+        let bind = match egress {
+            Egress::Direct { bind } => bind,
+            // Boxed: a direct tunnel should not carry room for a parent's handshake.
+            Egress::Parent(p) => return Box::pin(parent::dial(self, target, &p.via, p.client)).await,
+        };
+        // The lookup inline (not through `resolve_checked`): one less future nested in every
+        // tunnel's state.
         let (ips, lookup_time) = match &target.host {
             Host::Ip(ip) => (vec![*ip], None),
             Host::Name(name) => {
@@ -180,10 +251,32 @@ impl Dialer {
                 (r.addrs, r.lookup_time)
             }
         };
+        let allowed = self.checked(ips, target.port)?;
+        let started = Instant::now();
+        let (stream, addr) = connect::connect_happy(connect::interleave(allowed), bind, self.connect_timeout).await?;
+        tune(&stream);
+        Ok(Dialed { stream: Stream::Tcp(stream), addr, connect_time: started.elapsed(), lookup_time })
+    }
+
+    /// The target's addresses that pass the ACL (post-DNS), never empty, with the lookup's
+    /// time when a resolver was asked: what a `socks5://` parent is given.
+    async fn resolve_checked(&self, target: &Target) -> Result<(Vec<SocketAddr>, Option<Duration>), DialError> {
+        let (ips, lookup_time) = match &target.host {
+            Host::Ip(ip) => (vec![*ip], None),
+            Host::Name(name) => {
+                let r = self.resolver.resolve(name).await?;
+                (r.addrs, r.lookup_time)
+            }
+        };
+        Ok((self.checked(ips, target.port)?, lookup_time))
+    }
+
+    /// The addresses the ACL admits; an error when none is left.
+    fn checked(&self, ips: Vec<IpAddr>, port: u16) -> Result<Vec<SocketAddr>, DialError> {
         let mut refused = false;
         let allowed: Vec<SocketAddr> = ips
             .into_iter()
-            .map(|ip| SocketAddr::new(ip.to_canonical(), target.port))
+            .map(|ip| SocketAddr::new(ip.to_canonical(), port))
             .filter(|a| {
                 let ok = self.acl.check_addr(*a).is_ok();
                 refused |= !ok;
@@ -198,11 +291,7 @@ impl Dialer {
             };
             return Err(DialError { hop: Hop::Policy, kind, cause });
         }
-        let Egress::Direct { bind } = egress;
-        let started = Instant::now();
-        let (stream, addr) = connect::connect_happy(connect::interleave(allowed), bind, self.connect_timeout).await?;
-        tune(&stream);
-        Ok(Dialed { stream, addr, connect_time: started.elapsed(), lookup_time })
+        Ok(allowed)
     }
 }
 
@@ -241,6 +330,9 @@ mod tests {
         assert_eq!(e(Hop::Policy, DialErrorKind::NoAddress), Refusal::DnsFailed);
         assert_eq!(e(Hop::Origin, DialErrorKind::Failed), Refusal::UpstreamFailed);
         assert_eq!(e(Hop::Origin, DialErrorKind::Timeout), Refusal::UpstreamTimeout);
+        assert_eq!(e(Hop::Parent, DialErrorKind::Failed), Refusal::ParentFailed);
+        assert_eq!(e(Hop::Parent, DialErrorKind::Timeout), Refusal::UpstreamTimeout);
+        assert_eq!(e(Hop::Parent, DialErrorKind::Unavailable), Refusal::ParentsDown);
     }
 
     #[test]
@@ -252,5 +344,7 @@ mod tests {
         assert_eq!(Cause::DnsCode(ResponseCode::ServFail).to_string(), "SERVFAIL");
         assert_eq!(Cause::NxDomain.to_string(), "NXDOMAIN");
         assert_eq!(Cause::DnsTimeout.to_string(), "DNS timeout");
+        assert_eq!(Cause::Socks(5).to_string(), "parent: connection refused (SOCKS reply 5)");
+        assert_eq!(Cause::ParentAuth.to_string(), "the parent refused our credentials");
     }
 }

@@ -10,6 +10,7 @@ pub mod client;
 pub mod haproxy;
 pub mod origin;
 pub mod redis;
+pub mod socks;
 pub mod tls;
 pub mod wait;
 
