@@ -8,6 +8,7 @@
 //! Streams per connection are bounded by `server.h2_max_streams` (SETTINGS_MAX_CONCURRENT_
 //! STREAMS), and every stream is also under the client's tunnel caps.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use std::task::{Context as Cx, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
@@ -56,10 +59,15 @@ pub(crate) async fn serve(ctx: Arc<Context>, tls: TlsStream<TcpStream>, client: 
             return;
         }
     };
-    let streams = tokio_util::task::TaskTracker::new();
+    // The streams' tunnels run inside this task, next to the connection they write into:
+    // spawned apart, every chunk crossed threads twice (the relay wakes the connection to send
+    // it, the connection wakes the relay for more) and they contended for h2's stream lock,
+    // which cost an HTTP/2 download a third of its throughput against HTTP/1.1 inside TLS.
+    let mut streams = FuturesUnordered::new();
     loop {
         let next = tokio::select! {
             n = conn.accept() => n,
+            Some(()) = streams.next(), if !streams.is_empty() => continue,
             () = ctx.draining.cancelled() => {
                 conn.graceful_shutdown();
                 break;
@@ -68,7 +76,9 @@ pub(crate) async fn serve(ctx: Arc<Context>, tls: TlsStream<TcpStream>, client: 
         match next {
             Some(Ok((req, respond))) => {
                 let span = info_span!("stream", id = super::next_id());
-                streams.spawn(stream(Arc::clone(&ctx), req, respond, client.clone()).instrument(span));
+                let tunnel: Pin<Box<dyn Future<Output = ()> + Send>> =
+                    Box::pin(stream(Arc::clone(&ctx), req, respond, client.clone()).instrument(span));
+                streams.push(tunnel);
             }
             Some(Err(e)) => {
                 debug!(error = %e, "HTTP/2 connection ended");
@@ -79,9 +89,9 @@ pub(crate) async fn serve(ctx: Arc<Context>, tls: TlsStream<TcpStream>, client: 
     }
     // Keep driving the connection (its frames carry every stream's bytes) until the last
     // stream's tunnel has ended.
-    streams.close();
+    let all_ended = async { while streams.next().await.is_some() {} };
     tokio::select! {
-        () = streams.wait() => {}
+        () = all_ended => {}
         _ = std::future::poll_fn(|cx| conn.poll_closed(cx)) => {}
     }
 }
