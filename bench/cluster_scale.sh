@@ -251,7 +251,7 @@ grants() { # n run
     sleep "$VG_GRANT_SECS"
     t1=$(date +%s.%N)
     b1=$(bytes_total $dir)
-    echo "grants n=$n run $2 $dir: delivered_MiB/s=$(echo "scale=3; ($b1 - $b0) / ($t1 - $t0) / 1048576" | bc) $(redis_stats "$(echo "$t1 - $t0" | bc)") grants_by_instance=$(per_instance '^veilgate_cluster_bandwidth_grants_total') (before: $g0) bytes_by_instance=$(per_instance "^veilgate_tunnel_bytes_total.*direction=\"$dir\"") load=$(load)"
+    echo "grants n=$n run $2 $dir: delivered_MiB/s=$(echo "scale=3; ($b1 - $b0) / ($t1 - $t0) / 1048576" | bc) $(redis_stats "$(echo "$t1 - $t0" | bc)") grants_by_instance=$(per_instance '^veilgate_cluster_bandwidth_grants_total') (before: $g0) bytes_by_instance=$(per_instance "^veilgate_tunnel_bytes_total.*direction=\"$dir\"") redis_errors_by_instance=$(per_instance '^veilgate_cluster_errors_total') load=$(load)"
     for _ in $(seq 600); do kill -0 "$tp" 2>/dev/null || break; sleep 0.1; done
     stop_pid "$tp"
     echo "grants n=$n run $2 $dir vgbench: MB/s=$(json "$f-$dir.json" mbyte_per_s) errors=$(json "$f-$dir.json" errors)"
@@ -272,7 +272,7 @@ grants() { # n run
   t0=$(date +%s.%N)
   sleep "$VG_IDLE_SECS"
   t1=$(date +%s.%N)
-  echo "idle n=$n run $2: tunnels_active=$active $(redis_stats "$(echo "$t1 - $t0" | bc)") lease_renewals_by_instance=$(per_instance '^veilgate_cluster_lease_renewals_total') (before: $r0) grants_by_instance=$(per_instance '^veilgate_cluster_bandwidth_grants_total') (before: $g0) load=$(load)"
+  echo "idle n=$n run $2: tunnels_active=$active $(redis_stats "$(echo "$t1 - $t0" | bc)") lease_renewals_by_instance=$(per_instance '^veilgate_cluster_lease_renewals_total') (before: $r0) grants_by_instance=$(per_instance '^veilgate_cluster_bandwidth_grants_total') (before: $g0) redis_errors_by_instance=$(per_instance '^veilgate_cluster_errors_total') load=$(load)"
   for _ in $(seq 300); do kill -0 "$idle" 2>/dev/null || break; sleep 0.1; done # its hold ends
   stop_pid "$idle"
   echo "idle n=$n run $2 vgbench: opened=$(json "$f-idle.json" opened) alive_after_hold=$(json "$f-idle.json" alive_after_hold)"
