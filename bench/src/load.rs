@@ -134,6 +134,10 @@ pub struct IdleArgs {
     pub c: Common,
     #[command(flatten)]
     pub i: IdleOpts,
+    /// Loopback source addresses (comma-separated), used round-robin by tunnel number, so
+    /// the idle tunnels belong to many clients (bench/cluster_scale.sh: 100 tunnels, 100 clients).
+    #[arg(long, value_delimiter = ',')]
+    pub bind: Vec<std::net::IpAddr>,
 }
 
 // ---------------------------------------------------------------- helpers
@@ -339,10 +343,6 @@ pub async fn throughput(a: ThroughputArgs) -> io::Result<()> {
 }
 
 // ---------------------------------------------------------------- connrate
-
-async fn one_echo_tunnel(c: &Ctx, byte: u8) -> io::Result<tokio::net::TcpStream> {
-    one_echo_tunnel_from(None, c, byte).await
-}
 
 async fn one_echo_tunnel_from(from: Option<std::net::IpAddr>, c: &Ctx, byte: u8) -> io::Result<tokio::net::TcpStream> {
     one_echo_tunnel_behind(from, &[], c, byte).await
@@ -597,10 +597,11 @@ where
 pub async fn idle(a: IdleArgs) -> io::Result<()> {
     let c = Arc::new(Ctx::new(&a.c)?);
     let mut m = base_json("idle", &a.c);
-    let cc = c.clone();
+    m.insert("clients".into(), json!(a.bind.len().max(1)));
+    let (cc, bind) = (c.clone(), Arc::new(a.bind));
     let human = run_idle(&a.i, c.op, &a.c.pid, "idle", &who(&a.c), &mut m, move |i| {
-        let c = cc.clone();
-        async move { one_echo_tunnel(&c, check_byte(i)).await }
+        let (c, from) = (cc.clone(), (!bind.is_empty()).then(|| bind[i % bind.len()]));
+        async move { one_echo_tunnel_from(from, &c, check_byte(i)).await }
     })
     .await;
     emit(m, human);
