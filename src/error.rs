@@ -87,6 +87,14 @@ pub enum Refusal {
     /// The cluster backend's Redis did not answer and `cluster.fail_mode = "closed"` (503).
     #[error("cluster limits unavailable")]
     ClusterUnavailable,
+    /// A user name with an egress parameter `[auth.sessions]` does not know, or one
+    /// malformed (407): refused, never ignored, and before any password is checked.
+    #[error("unknown or malformed parameter in the user name")]
+    AuthSessionParam,
+    /// The egress pool has no source address of the target's family and its
+    /// `family_fallback` is `refuse` (502).
+    #[error("egress pool has no source address of the target's family")]
+    EgressFamily,
 }
 
 /// A connection closed with no answer at all. Its peer is a balancer speaking the PROXY
@@ -130,7 +138,7 @@ impl Unanswered {
 impl Refusal {
     /// Every `refusals_total` label, so counters can be registered (at zero) before the
     /// first refusal: the answered refusals', then the [`Unanswered`] closes'.
-    pub const REASONS: [&'static str; 29] = [
+    pub const REASONS: [&'static str; 31] = [
         "bad_request",
         "method_not_allowed",
         "auth_required",
@@ -155,6 +163,8 @@ impl Refusal {
         "plaintext_on_tls",
         "tls_required",
         "cluster_unavailable",
+        "auth_session_param",
+        "egress_family",
         "proxy_protocol_untrusted",
         "proxy_protocol_missing",
         "proxy_protocol_malformed",
@@ -168,7 +178,7 @@ impl Refusal {
             Refusal::BadRequest(_) | Refusal::TlsOnPlaintext | Refusal::PlaintextOnTls => 400,
             Refusal::TlsRequired => 403,
             Refusal::MethodNotAllowed => 405,
-            Refusal::AuthRequired => 407,
+            Refusal::AuthRequired | Refusal::AuthSessionParam => 407,
             Refusal::AuthAttempts { .. } => 429,
             Refusal::AuthBusy => 503,
             Refusal::HeaderTimeout => 408,
@@ -176,7 +186,7 @@ impl Refusal {
             Refusal::PortDenied | Refusal::HostDenied | Refusal::AddressDenied | Refusal::RouteDenied => 403,
             Refusal::ClientCap | Refusal::RouteCap | Refusal::ClientRate { .. } | Refusal::ClientPendingCap => 429,
             Refusal::GlobalCap | Refusal::PendingCap | Refusal::ClusterUnavailable => 503,
-            Refusal::DnsFailed | Refusal::UpstreamFailed => 502,
+            Refusal::DnsFailed | Refusal::UpstreamFailed | Refusal::EgressFamily => 502,
             Refusal::UpstreamTimeout => 504,
         }
     }
@@ -208,6 +218,8 @@ impl Refusal {
             Refusal::PlaintextOnTls => "plaintext_on_tls",
             Refusal::TlsRequired => "tls_required",
             Refusal::ClusterUnavailable => "cluster_unavailable",
+            Refusal::AuthSessionParam => "auth_session_param",
+            Refusal::EgressFamily => "egress_family",
         }
     }
 }
@@ -243,6 +255,8 @@ mod tests {
             Refusal::PlaintextOnTls,
             Refusal::TlsRequired,
             Refusal::ClusterUnavailable,
+            Refusal::AuthSessionParam,
+            Refusal::EgressFamily,
         ];
         let unanswered = [
             Unanswered::ProxyProtocolUntrusted,

@@ -15,6 +15,7 @@ mod auth;
 mod cluster;
 pub mod diff;
 mod dns;
+mod egress;
 mod limits;
 mod log;
 mod mitm;
@@ -30,9 +31,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use admin::AdminConfig;
-pub use auth::AuthConfig;
+pub use auth::{AuthConfig, SessionsConfig};
 pub use cluster::{ClusterBackend, ClusterConfig, FailMode, RedisUrl};
 pub use dns::{DnsConfig, HostAddrs};
+pub use egress::{EgressConfig, FamilyFallback, PoolConfig, Select};
 pub use limits::{LimitsConfig, PerClientLimits};
 pub use log::{ClientAddressLog, LogConfig, LogFormat};
 pub use mitm::MitmConfig;
@@ -122,6 +124,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// What the admin listener offers beyond health and metrics.
     pub admin: AdminConfig,
+    /// Source address pools tunnels leave from.
+    pub egress: EgressConfig,
 }
 
 impl Config {
@@ -182,8 +186,17 @@ impl Config {
         self.limits.validate(origin)?;
         self.policy.validate(origin)?;
         self.cluster.validate(origin)?;
+        self.egress.validate(origin)?;
         for (i, route) in self.routes.iter().enumerate() {
             route.validate(origin, i)?;
+            // Cross-section: a route's pool must exist.
+            if let Some(name) = route.egress.as_deref().filter(|n| !self.egress.has_pool(n)) {
+                return Err(ConfigError::invalid(
+                    origin,
+                    &format!("routes[{i}].egress"),
+                    format!("no [[egress.pools]] entry is named {name:?}"),
+                ));
+            }
         }
         // Cross-section: a `mitm` route is checked against `[mitm]` here, because without the
         // CA neither section alone is wrong, but the route could never be served.

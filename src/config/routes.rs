@@ -41,6 +41,9 @@ pub struct RouteConfig {
     /// Per-client limits for these destinations, counted apart from the client's others.
     #[serde(default)]
     pub per_client: Option<RouteLimits>,
+    /// The `[[egress.pools]]` entry these destinations leave from (else `egress.default_pool`).
+    #[serde(default)]
+    pub egress: Option<String>,
 }
 
 impl RouteConfig {

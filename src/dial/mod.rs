@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 pub use connect::{ATTEMPT_DELAY, connect_one};
+
 pub use resolve::{Resolved, Resolver};
 
 use crate::error::Refusal;
@@ -26,18 +27,52 @@ use crate::target::{Host, Target};
 /// How a tunnel leaves the proxy. A parent proxy (SOCKS5, HTTP) will be a second variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Egress {
-    /// Connect to the origin ourselves, from `bind` when set (an egress pool's address), else
-    /// from whatever address the kernel picks.
+    /// Connect to the origin ourselves, from `bind` when set, else from whatever address the
+    /// kernel picks.
     Direct {
         /// Source address.
         bind: Option<IpAddr>,
     },
+    /// Connect to the origin ourselves, from an egress pool's choice for each address
+    /// family (see [`crate::egress`]): which family a name's answer brings is known only here.
+    Pool(Sources),
 }
 
 impl Default for Egress {
     fn default() -> Egress {
         Egress::Direct { bind: None }
     }
+}
+
+/// A source for each address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sources {
+    /// For IPv4 targets.
+    pub v4: Source,
+    /// For IPv6 targets.
+    pub v6: Source,
+}
+
+impl Sources {
+    /// The source for a connection to `addr`.
+    pub fn to(&self, addr: &SocketAddr) -> Source {
+        if addr.is_ipv4() { self.v4 } else { self.v6 }
+    }
+}
+
+/// Where one connection leaves from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Source {
+    /// The kernel's choice.
+    #[default]
+    Kernel,
+    /// This address, configured on the host.
+    Bind(IpAddr),
+    /// This address, not configured on the host but routed to it (a pool's prefix): bound
+    /// with IP_FREEBIND / IPV6_FREEBIND.
+    Freebind(IpAddr),
+    /// None: the pool has no address of this family and refuses to leave from another.
+    Refuse,
 }
 
 /// Which step of the way out failed.
@@ -49,6 +84,8 @@ pub enum Hop {
     Policy,
     /// Connecting to the origin.
     Origin,
+    /// Choosing the source: the egress pool has no address of the target's family.
+    Source,
 }
 
 /// What went wrong at that step.
@@ -62,6 +99,8 @@ pub enum DialErrorKind {
     Failed,
     /// Did not finish in time.
     Timeout,
+    /// No source address of the target's family (the pool's `family_fallback = "refuse"`).
+    NoSource,
 }
 
 /// A failed dial: the hop and what happened there.
@@ -99,6 +138,8 @@ pub enum Cause {
     NoResolver,
     /// Policy refused every address the name has.
     Policy,
+    /// The egress pool has no source address of the target's family.
+    NoSourceFamily,
 }
 
 impl std::fmt::Display for Cause {
@@ -122,6 +163,7 @@ impl std::fmt::Display for Cause {
             Cause::DnsOther => "DNS error",
             Cause::NoResolver => "no DNS resolver",
             Cause::Policy => "every address denied by policy",
+            Cause::NoSourceFamily => "egress pool has no source address of the target's family",
         };
         f.write_str(s)
     }
@@ -136,6 +178,7 @@ impl DialError {
     /// usable answer 502, a connect that fails 502 and one that times out 504.
     pub fn refusal(&self) -> Refusal {
         match (self.hop, self.kind) {
+            (_, DialErrorKind::NoSource) => Refusal::EgressFamily,
             (_, DialErrorKind::Denied) => Refusal::AddressDenied,
             (Hop::Resolve, _) | (_, DialErrorKind::NoAddress) => Refusal::DnsFailed,
             (_, DialErrorKind::Timeout) => Refusal::UpstreamTimeout,
@@ -198,9 +241,34 @@ impl Dialer {
             };
             return Err(DialError { hop: Hop::Policy, kind, cause });
         }
-        let Egress::Direct { bind } = egress;
+        let sources = match egress {
+            Egress::Direct { bind: None } => Sources { v4: Source::Kernel, v6: Source::Kernel },
+            Egress::Direct { bind: Some(ip) } => Sources { v4: Source::Bind(ip), v6: Source::Bind(ip) },
+            Egress::Pool(sources) => {
+                let mut allowed = allowed;
+                allowed.retain(|a| sources.to(a) != Source::Refuse);
+                if allowed.is_empty() {
+                    return Err(DialError {
+                        hop: Hop::Source,
+                        kind: DialErrorKind::NoSource,
+                        cause: Cause::NoSourceFamily,
+                    });
+                }
+                return self.connect(allowed, sources, lookup_time).await;
+            }
+        };
+        self.connect(allowed, sources, lookup_time).await
+    }
+
+    async fn connect(
+        &self,
+        allowed: Vec<SocketAddr>,
+        sources: Sources,
+        lookup_time: Option<Duration>,
+    ) -> Result<Dialed, DialError> {
         let started = Instant::now();
-        let (stream, addr) = connect::connect_happy(connect::interleave(allowed), bind, self.connect_timeout).await?;
+        let (stream, addr) =
+            connect::connect_happy(connect::interleave(allowed), sources, self.connect_timeout).await?;
         tune(&stream);
         Ok(Dialed { stream, addr, connect_time: started.elapsed(), lookup_time })
     }
@@ -241,6 +309,7 @@ mod tests {
         assert_eq!(e(Hop::Policy, DialErrorKind::NoAddress), Refusal::DnsFailed);
         assert_eq!(e(Hop::Origin, DialErrorKind::Failed), Refusal::UpstreamFailed);
         assert_eq!(e(Hop::Origin, DialErrorKind::Timeout), Refusal::UpstreamTimeout);
+        assert_eq!(e(Hop::Source, DialErrorKind::NoSource), Refusal::EgressFamily);
     }
 
     #[test]

@@ -37,8 +37,18 @@ mod tests {
     #[test]
     fn first_match_wins_and_default_is_tunnel() {
         let routes = vec![
-            RouteConfig { hosts: vec![HostPattern::parse("a.example").unwrap()], mode: Mode::Tunnel, per_client: None },
-            RouteConfig { hosts: vec![HostPattern::parse("*.example").unwrap()], mode: Mode::Deny, per_client: None },
+            RouteConfig {
+                hosts: vec![HostPattern::parse("a.example").unwrap()],
+                mode: Mode::Tunnel,
+                per_client: None,
+                egress: None,
+            },
+            RouteConfig {
+                hosts: vec![HostPattern::parse("*.example").unwrap()],
+                mode: Mode::Deny,
+                per_client: None,
+                egress: None,
+            },
         ];
         let t = |s: &str| Target::parse(s).unwrap();
         assert_eq!(lookup(&routes, &t("a.example:443")).mode, Mode::Tunnel);
