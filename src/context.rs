@@ -40,6 +40,8 @@ pub struct Shared {
     /// route index: per-route limit state is keyed by it, and building it here spares every
     /// tunnel to such a route a string.
     pub route_ids: Vec<Arc<str>>,
+    /// `[egress]` compiled: the source address pools.
+    pub egress: crate::egress::Pools,
 }
 
 /// A configuration whose files could not be loaded.
@@ -62,7 +64,7 @@ impl Shared {
     /// [`Shared::check`]) all come here, so no file passes one and fails another.
     pub fn build(config: Config, own: &[SocketAddr]) -> Result<Shared, LoadError> {
         let auth = match &config.auth {
-            Some(a) => Some(Auth::load(&a.credentials_file, &a.realm)?),
+            Some(a) => Some(Auth::load_with(&a.credentials_file, &a.realm, Some(&a.sessions))?),
             None => None,
         };
         let interceptor = match &config.mitm {
@@ -80,6 +82,7 @@ impl Shared {
         let route_ids = config.routes.iter().map(|r| Arc::from(r.key())).collect();
         Ok(Shared {
             route_ids,
+            egress: crate::egress::Pools::new(&config),
             dialer: Dialer::new(Resolver::new(&config.dns), Arc::clone(&acl), config.server.connect_timeout.0),
             acl,
             auth,
@@ -121,13 +124,16 @@ pub struct Context {
     pub stop: CancellationToken,
     /// Live tunnels and recent refusals per client, filled only with `admin.inspect`.
     pub inspect: Arc<crate::inspect::Registry>,
+    /// Egress addresses held and sessions pinned: kept across reloads.
+    pub egress: crate::egress::State,
 }
 
 impl Context {
     /// Builds the context for bound listeners.
-    pub fn new(shared: Shared, own: Vec<SocketAddr>, listeners: &[SocketAddr]) -> Context {
+    pub fn new(mut shared: Shared, own: Vec<SocketAddr>, listeners: &[SocketAddr]) -> Context {
         let metrics = Metrics::new(listeners);
         metrics.configured(&shared.config);
+        shared.egress.observe(&metrics);
         Context {
             governor: Governor::build(&shared.config, metrics.cluster.clone()),
             pending: Pending::default(),
@@ -139,6 +145,7 @@ impl Context {
             draining: CancellationToken::new(),
             stop: CancellationToken::new(),
             inspect: Arc::default(),
+            egress: crate::egress::State::default(),
         }
     }
 
@@ -160,9 +167,10 @@ impl Context {
     /// reload's one line.
     pub fn reload(&self, config: Config) -> Result<Changes, LoadError> {
         let changes = Changes::between(&self.shared.load().config, &config);
-        let next = Shared::build(config, &self.own)?;
+        let mut next = Shared::build(config, &self.own)?;
         self.governor.update(&next.config);
         self.metrics.configured(&next.config);
+        next.egress.observe(&self.metrics);
         self.shared.store(Arc::new(next));
         Ok(changes)
     }

@@ -38,6 +38,8 @@ const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 /// refusal reason needs only [`Refusal::REASONS`], which registers it at zero here.
 pub struct Metrics {
     handle: PrometheusHandle,
+    /// Kept for series named by the configuration, registered on each load.
+    rec: PrometheusRecorder,
     /// Accepts on the listeners (the proxy's and the admin one).
     pub listeners: ListenerMetrics,
     /// Tunnels: open, ended, bytes relayed, lifetime.
@@ -483,7 +485,13 @@ impl Metrics {
             .expect("bucket lists are not empty")
             .build_recorder();
         let r = Reg { rec: &rec };
-        let m = Metrics {
+        r.gauge(
+            "veilgate_build_info",
+            "Build information; the value is always 1.",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+        )
+        .set(1.0);
+        Metrics {
             handle: rec.handle(),
             listeners: ListenerMetrics::new(&r, listeners),
             tunnels: TunnelMetrics::new(&r),
@@ -496,14 +504,14 @@ impl Metrics {
             config: ConfigMetrics::new(&r),
             process: ProcessMetrics::new(&r),
             cluster: ClusterMetrics::new(&r),
-        };
-        r.gauge(
-            "veilgate_build_info",
-            "Build information; the value is always 1.",
-            &[("version", env!("CARGO_PKG_VERSION"))],
-        )
-        .set(1.0);
-        m
+            rec,
+        }
+    }
+
+    /// A counter labelled with a name the configuration gives (an egress pool's), registered
+    /// at zero. Bounded: only the operator writes such names, never a client.
+    pub fn config_counter(&self, name: &'static str, help: &'static str, label: (&'static str, String)) -> Counter {
+        Reg { rec: &self.rec }.counter_owned(name, help, label)
     }
 
     /// Prometheus text exposition.

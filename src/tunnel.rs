@@ -14,7 +14,8 @@ use crate::auth::Verdict;
 use crate::config::{ClientAddressLog, Mode};
 use crate::connect::ConnectRequest;
 use crate::context::{Context, Shared};
-use crate::dial::{self, Egress};
+use crate::dial;
+use crate::egress::Ask;
 use crate::error::Refusal;
 use crate::front::{ClientConn, ClientId, ClientIo};
 use crate::limits::pending::PendingPermit;
@@ -44,11 +45,11 @@ impl<C: ClientConn> Tunnel<C> {
     pub async fn run(mut self, shared: Arc<Shared>, req: ConnectRequest) {
         let ctx = Arc::clone(&self.ctx);
         let server = &shared.config.server;
-        let key = match &shared.auth {
+        let (key, ask) = match &shared.auth {
             // A verified client certificate names the client when no [auth] user does.
             None => match &self.client.identity {
-                Some(id) => ClientKey::User(Arc::clone(id)),
-                None => shared.client_key(self.client.addr.ip()),
+                Some(id) => (ClientKey::User(Arc::clone(id)), Ask::default()),
+                None => (shared.client_key(self.client.addr.ip()), Ask::default()),
             },
             Some(auth) => {
                 // Before the credentials are even looked at: they have crossed in the clear
@@ -59,8 +60,10 @@ impl<C: ClientConn> Tunnel<C> {
                 let from = shared.client_key(self.client.addr.ip());
                 let hashes = &ctx.metrics.auth.hashes;
                 match auth.check(req.proxy_authorization.as_deref(), &from, &ctx.governor, hashes).await {
-                    Verdict::User(user) => ClientKey::User(user),
+                    Verdict::User(user) => (ClientKey::User(user), Ask::default()),
+                    Verdict::Session(user, ask) => (ClientKey::User(user), ask),
                     Verdict::Denied => return self.refuse(Refusal::AuthRequired, &req).await,
+                    Verdict::BadParameter => return self.refuse(Refusal::AuthSessionParam, &req).await,
                     Verdict::Busy => return self.refuse(Refusal::AuthBusy, &req).await,
                     Verdict::TooManyAttempts { retry_after } => {
                         return self.refuse(Refusal::AuthAttempts { retry_after }, &req).await;
@@ -82,6 +85,8 @@ impl<C: ClientConn> Tunnel<C> {
         };
         // Admitted: from here on the tunnel caps count this connection.
         self.pending = None;
+        let crate::egress::Choice { egress, pool, hold } =
+            shared.egress.choose(&ctx.egress, route.index, &key, ask, &req.target);
         // In the live view from admission on (a failed dial leaves it again). The key moves
         // in here, so it is not carried through the dial and the relay.
         let live = shared
@@ -89,10 +94,13 @@ impl<C: ClientConn> Tunnel<C> {
             .admin
             .inspect
             .then(|| ctx.inspect.register(key, self.client.addr.ip(), req.target.to_string(), route.mode));
+        let held = Held::boxed(live, hold, pool);
         if let Err(r) = shared.acl.check_target(&req.target) {
             return self.refuse(r, &req).await;
         }
-        let upstream = match shared.dialer.dial(&req.target, Egress::default()).await {
+        let dialed = shared.dialer.dial(&req.target, egress).await;
+        shared.egress.dialed(held.as_ref().and_then(|h| h.pool), dialed.is_ok());
+        let upstream = match dialed {
             Ok(d) => d,
             Err(e) => {
                 let detail = crate::detail::Detail::cause(e.cause);
@@ -117,7 +125,7 @@ impl<C: ClientConn> Tunnel<C> {
         let handshake_deadline = server.header_timeout.0;
         let Tunnel { conn, client, .. } = self;
         let client_io = conn.into_io();
-        let report = Report { ctx: Arc::clone(&ctx), client, target: req.target.clone(), mode: route.mode, live };
+        let report = Report { ctx: Arc::clone(&ctx), client, target: req.target.clone(), mode: route.mode, held };
         if intercept {
             // Boxed: the TLS handshakes' state is large, and a blind tunnel should not carry
             // room for it for its whole life.
@@ -200,8 +208,29 @@ struct Report {
     client: ClientId,
     target: Target,
     mode: Mode,
-    /// The tunnel's place in the live view (`admin.inspect`); leaves it when the report goes.
+    /// What the tunnel holds until its report goes.
+    held: Option<Box<Held>>,
+}
+
+/// What a tunnel holds for its whole life besides its lease, boxed together: one pointer in
+/// every tunnel's state, and no allocation when neither applies.
+struct Held {
+    /// The tunnel's place in the live view (`admin.inspect`); leaves it when dropped.
     live: Option<crate::inspect::Registered>,
+    /// The source addresses an isolating egress pool lent it; free again when dropped.
+    _egress: Option<crate::egress::Hold>,
+    /// The egress pool it leaves through, for its counters.
+    pool: Option<usize>,
+}
+
+impl Held {
+    fn boxed(
+        live: Option<crate::inspect::Registered>,
+        egress: Option<crate::egress::Hold>,
+        pool: Option<usize>,
+    ) -> Option<Box<Held>> {
+        (live.is_some() || egress.is_some() || pool.is_some()).then(|| Box::new(Held { live, _egress: egress, pool }))
+    }
 }
 
 impl Report {
@@ -317,7 +346,7 @@ impl Report {
     }
 
     fn live(&self) -> Option<&Arc<crate::inspect::Live>> {
-        self.live.as_ref().map(|l| l.live())
+        self.held.as_ref()?.live.as_ref().map(|l| l.live())
     }
 
     /// Closes the observation (MITM) and reports the relay's end.
