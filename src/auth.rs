@@ -263,13 +263,16 @@ fn parameters<'a>(name: &'a str, s: &SessionsConfig) -> Option<(&'a str, Ask)> {
     let user = parts.next().unwrap_or_default();
     let mut ask = Ask::default();
     while let Some(key) = parts.next() {
-        if key == s.session_key && ask.session.is_none() {
+        if key == s.session_key && ask.session().is_none() {
             let id = parts.next()?;
             let valid =
                 (1..=MAX_SESSION_ID).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            ask.session = Some(Ask::session(user, id).filter(|_| valid)?);
-        } else if key == s.rotate_key && !ask.rotate {
-            ask.rotate = true;
+            if !valid {
+                return None;
+            }
+            ask = ask.with_session(user, id);
+        } else if key == s.rotate_key && !ask.rotate() {
+            ask = ask.with_rotate();
         } else {
             return None;
         }
@@ -355,12 +358,14 @@ mod tests {
     #[test]
     fn user_names_carry_egress_parameters() {
         let s = SessionsConfig { enabled: true, ..SessionsConfig::default() };
-        let session = |user: &str, id: &str| Ask { session: Ask::session(user, id), rotate: false };
+        let session = |user: &str, id: &str| Ask::default().with_session(user, id);
         assert_eq!(parameters("alice", &s), Some(("alice", Ask::default())));
         assert_eq!(parameters("alice-session-abc123", &s), Some(("alice", session("alice", "abc123"))));
-        assert_eq!(parameters("alice-rotate", &s), Some(("alice", Ask { session: None, rotate: true })));
+        assert_eq!(parameters("alice-rotate", &s), Some(("alice", Ask::default().with_rotate())));
         let both = parameters("alice-session-x_1-rotate", &s).unwrap();
-        assert_eq!(both, ("alice", Ask { rotate: true, ..session("alice", "x_1") }));
+        assert_eq!(both, ("alice", session("alice", "x_1").with_rotate()));
+        assert_eq!((both.1.session(), both.1.rotate()), (session("alice", "x_1").session(), true));
+        assert!(session("alice", "x_1").session().is_some() && !session("alice", "x_1").rotate());
         assert_ne!(session("alice", "a"), session("bob", "a"), "a session is the user's");
         for bad in [
             "alice-country-de",
@@ -385,7 +390,7 @@ mod tests {
         let path = file(&dir, &[format!("alice:{}", bcrypt::hash("p", 4).unwrap())]);
         let auth = Auth::load_with(&path, "r", Some(&s)).unwrap();
         let (g, client, hashes) = (governor(), ClientKey::V4("127.0.0.2".parse().unwrap()), metrics::Counter::noop());
-        let ask = Ask { session: Ask::session("alice", "abc"), rotate: false };
+        let ask = Ask::default().with_session("alice", "abc");
         let want = Verdict::Session("alice".into(), ask);
         assert_eq!(auth.check(Some(&header("alice-session-abc:p")), &client, &g, &hashes).await, want);
         assert_eq!(auth.check(Some(&header("alice-session-abc:p")), &client, &g, &hashes).await, want, "cached");

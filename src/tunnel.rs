@@ -14,7 +14,7 @@ use crate::auth::Verdict;
 use crate::config::{ClientAddressLog, Mode};
 use crate::connect::ConnectRequest;
 use crate::context::{Context, Shared};
-use crate::dial;
+use crate::dial::{self, Egress};
 use crate::egress::Ask;
 use crate::error::Refusal;
 use crate::front::{ClientConn, ClientId, ClientIo};
@@ -85,8 +85,7 @@ impl<C: ClientConn> Tunnel<C> {
         };
         // Admitted: from here on the tunnel caps count this connection.
         self.pending = None;
-        let crate::egress::Choice { egress, pool, hold } =
-            shared.egress.choose(&ctx.egress, route.index, &key, ask, &req.target);
+        let choice = shared.egress.choose(&ctx.egress, route.index, &key, ask, &req.target);
         // In the live view from admission on (a failed dial leaves it again). The key moves
         // in here, so it is not carried through the dial and the relay.
         let live = shared
@@ -94,19 +93,23 @@ impl<C: ClientConn> Tunnel<C> {
             .admin
             .inspect
             .then(|| ctx.inspect.register(key, self.client.addr.ip(), req.target.to_string(), route.mode));
-        let held = Held::boxed(live, hold, pool);
+        let held = Held::new(live, choice);
         if let Err(r) = shared.acl.check_target(&req.target) {
             return self.refuse(r, &req).await;
         }
-        let dialed = shared.dialer.dial(&req.target, egress).await;
-        shared.egress.dialed(held.as_ref().and_then(|h| h.pool), dialed.is_ok());
-        let upstream = match dialed {
-            Ok(d) => d,
-            Err(e) => {
-                let detail = crate::detail::Detail::cause(e.cause);
-                return refuse_with(&self.ctx, &mut self.conn, &self.client, e.refusal(), Some(&req), &detail).await;
-            }
-        };
+        let upstream =
+            match shared.dialer.dial(&req.target, held.choice().map_or(Egress::default(), |c| c.egress)).await {
+                Ok(d) => {
+                    shared.egress.dialed(held.choice().and_then(|c| c.pool), true);
+                    d
+                }
+                Err(e) => {
+                    shared.egress.dialed(held.choice().and_then(|c| c.pool), false);
+                    let detail = crate::detail::Detail::cause(e.cause);
+                    return refuse_with(&self.ctx, &mut self.conn, &self.client, e.refusal(), Some(&req), &detail)
+                        .await;
+                }
+            };
         if let (Some(bytes), Some(tcp)) = (receive_window(&lease, Direction::Up), self.conn.tcp()) {
             dial::set_receive_buffer(tcp, bytes);
         }
@@ -208,28 +211,43 @@ struct Report {
     client: ClientId,
     target: Target,
     mode: Mode,
-    /// What the tunnel holds until its report goes.
-    held: Option<Box<Held>>,
+    /// What the tunnel holds until the report goes.
+    held: Held,
 }
 
-/// What a tunnel holds for its whole life besides its lease, boxed together: one pointer in
-/// every tunnel's state, and no allocation when neither applies.
-struct Held {
-    /// The tunnel's place in the live view (`admin.inspect`); leaves it when dropped.
-    live: Option<crate::inspect::Registered>,
-    /// The source addresses an isolating egress pool lent it; free again when dropped.
-    _egress: Option<crate::egress::Hold>,
-    /// The egress pool it leaves through, for its counters.
-    pool: Option<usize>,
+/// What a tunnel holds for its whole life besides its lease: its place in the live view
+/// (`admin.inspect`), and through an egress pool its choice there (sources, pool, and the
+/// addresses an isolating pool lent it, free again when dropped). One enum, so every
+/// tunnel's state carries one tag and one pointer, as the live view's alone did; only a
+/// tunnel through a pool allocates.
+enum Held {
+    Nothing,
+    Live(crate::inspect::Registered),
+    Egress(Box<(Option<crate::inspect::Registered>, crate::egress::Choice)>),
 }
 
 impl Held {
-    fn boxed(
-        live: Option<crate::inspect::Registered>,
-        egress: Option<crate::egress::Hold>,
-        pool: Option<usize>,
-    ) -> Option<Box<Held>> {
-        (live.is_some() || egress.is_some() || pool.is_some()).then(|| Box::new(Held { live, _egress: egress, pool }))
+    fn new(live: Option<crate::inspect::Registered>, choice: crate::egress::Choice) -> Held {
+        match (choice.pool.is_some(), live) {
+            (true, live) => Held::Egress(Box::new((live, choice))),
+            (false, Some(live)) => Held::Live(live),
+            (false, None) => Held::Nothing,
+        }
+    }
+
+    fn live(&self) -> Option<&crate::inspect::Registered> {
+        match self {
+            Held::Live(live) => Some(live),
+            Held::Egress(b) => b.0.as_ref(),
+            Held::Nothing => None,
+        }
+    }
+
+    fn choice(&self) -> Option<&crate::egress::Choice> {
+        match self {
+            Held::Egress(b) => Some(&b.1),
+            _ => None,
+        }
     }
 }
 
@@ -346,7 +364,7 @@ impl Report {
     }
 
     fn live(&self) -> Option<&Arc<crate::inspect::Live>> {
-        self.held.as_ref()?.live.as_ref().map(|l| l.live())
+        self.held.live().map(|l| l.live())
     }
 
     /// Closes the observation (MITM) and reports the relay's end.

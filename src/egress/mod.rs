@@ -17,7 +17,6 @@ mod hash;
 mod pool;
 mod state;
 
-use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
 pub use state::{Hold, MAX_SESSIONS, State};
@@ -29,19 +28,32 @@ use crate::target::{Host, Target};
 use pool::{Draw, Pool};
 use state::Pin;
 
-/// What the client asked of the egress in its user name (`[auth.sessions]`).
+/// What the client asked of the egress in its user name (`[auth.sessions]`): a session to
+/// pin, a fresh address, both or neither. One word (the session's hash, bit 0 for rotate),
+/// because it is carried across admission in every tunnel's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Ask {
-    /// The session (its hash, with the user's name), to pin to one address.
-    pub session: Option<NonZeroU64>,
-    /// Draw a fresh address (and re-pin the session).
-    pub rotate: bool,
-}
+pub struct Ask(u64);
 
 impl Ask {
-    /// `user`'s session `id` (from `user-session-id`).
-    pub fn session(user: &str, id: &str) -> Option<NonZeroU64> {
-        NonZeroU64::new(hash::session(user, id))
+    /// Asks for `user`'s session `id` (from `user-session-id`).
+    pub fn with_session(self, user: &str, id: &str) -> Ask {
+        // Bit 1 set: a session is never all zeros, which reads as none.
+        Ask((hash::session(user, id) | 2) & !1 | (self.0 & 1))
+    }
+
+    /// Asks for a fresh address.
+    pub fn with_rotate(self) -> Ask {
+        Ask(self.0 | 1)
+    }
+
+    /// The session's hash, if one was named.
+    pub fn session(self) -> Option<u64> {
+        Some(self.0 & !1).filter(|s| *s != 0)
+    }
+
+    /// Whether a fresh address was asked for.
+    pub fn rotate(self) -> bool {
+        self.0 & 1 == 1
     }
 }
 
@@ -123,20 +135,20 @@ impl Pools {
             Host::Name(_) => [true, true],
         };
         let now = Instant::now();
-        let pin_key = ask.session.filter(|_| !self.session_ttl.is_zero()).map(|s| hash::pin(&pool.name, s.get()));
+        let pin_key = ask.session().filter(|_| !self.session_ttl.is_zero()).map(|s| hash::pin(&pool.name, s));
         let old = pin_key.and_then(|k| state.pinned(k, now));
-        let sticky = ask.session.map_or(owner, NonZeroU64::get);
+        let sticky = ask.session().unwrap_or(owner);
         let mut sources = Sources { v4: Source::Refuse, v6: Source::Refuse };
-        let mut changed = old.is_none() || ask.rotate;
+        let mut changed = old.is_none() || ask.rotate();
         for (v6, wanted) in [false, true].into_iter().zip(families) {
             if !wanted {
                 continue;
             }
             let pinned = old.and_then(|p| if v6 { p.v6 } else { p.v4 });
-            let reuse = pinned.filter(|s| !ask.rotate && keep(pool, state, &mut hold, v6, *s));
+            let reuse = pinned.filter(|s| !ask.rotate() && keep(pool, state, &mut hold, v6, *s));
             let source = reuse.unwrap_or_else(|| {
                 changed = true;
-                let draw = Draw { sticky, fresh: ask.rotate, avoid: pinned.and_then(address) };
+                let draw = Draw { sticky, fresh: ask.rotate(), avoid: pinned.and_then(address) };
                 pool.draw(v6, &draw, state, &mut hold)
             });
             *(if v6 { &mut sources.v6 } else { &mut sources.v4 }) = source;
@@ -144,7 +156,7 @@ impl Pools {
         if let (Some(k), true) = (pin_key, changed) {
             // A rotation starts the session over; a family drawn for the first time (or
             // again, for isolation) joins the session's pin and keeps its expiry.
-            let kept = old.filter(|_| !ask.rotate);
+            let kept = old.filter(|_| !ask.rotate());
             let pin = Pin {
                 v4: if families[0] { Some(sources.v4) } else { kept.and_then(|p| p.v4) },
                 v6: if families[1] { Some(sources.v6) } else { kept.and_then(|p| p.v6) },
@@ -183,4 +195,94 @@ fn address(source: Source) -> Option<std::net::IpAddr> {
 /// Seconds since the epoch, for "once a minute" log budgets.
 fn unix_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn pools(extra: &str) -> Pools {
+        let text = format!("[egress]\ndefault_pool = \"p\"\n[[egress.pools]]\nname = \"p\"\n{extra}\n");
+        Pools::new(&Config::from_toml(&text, "t").unwrap())
+    }
+
+    fn user(name: &str) -> ClientKey {
+        ClientKey::User(name.into())
+    }
+
+    fn target(s: &str) -> Target {
+        Target::parse(s).unwrap()
+    }
+
+    fn v4(c: &Choice) -> Source {
+        let Egress::Pool(s) = c.egress else { panic!("{:?}", c.egress) };
+        s.v4
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn no_pools_is_the_direct_way_and_holds_nothing() {
+        let p = Pools::new(&Config::default());
+        let c = p.choose(&State::default(), None, &user("a"), Ask::default(), &target("192.0.2.1:443"));
+        assert_eq!(c.egress, Egress::default());
+        assert!(c.pool.is_none() && c.hold.is_none());
+    }
+
+    #[test]
+    fn the_source_has_the_targets_family_or_the_fallback() {
+        let state = State::default();
+        let refuse = pools("addresses = [\"2001:db8::1\"]");
+        let c = refuse.choose(&state, None, &user("a"), Ask::default(), &target("192.0.2.1:443"));
+        assert_eq!(v4(&c), Source::Refuse);
+        let direct = pools("addresses = [\"2001:db8::1\"]\nfamily_fallback = \"direct\"");
+        let c = direct.choose(&state, None, &user("a"), Ask::default(), &target("192.0.2.1:443"));
+        assert_eq!(v4(&c), Source::Kernel);
+        // A name may answer either family: both are chosen.
+        let c = direct.choose(&state, None, &user("a"), Ask::default(), &target("example.test:443"));
+        assert_eq!(c.egress, Egress::Pool(Sources { v4: Source::Kernel, v6: Source::Bind(ip("2001:db8::1")) }));
+    }
+
+    #[test]
+    fn isolation_keeps_identities_apart_until_their_tunnels_end() {
+        let state = State::default();
+        let p = pools("addresses = [\"192.0.2.1\", \"192.0.2.2\"]\nselect = \"sticky\"\nisolate = true");
+        let t = target("192.0.2.9:443");
+        let a = p.choose(&state, None, &user("a"), Ask::default(), &t);
+        let b = p.choose(&state, None, &user("b"), Ask::default(), &t);
+        assert_ne!(v4(&a), v4(&b));
+        let a2 = p.choose(&state, None, &user("a"), Ask::default(), &t);
+        assert_eq!(v4(&a2), v4(&a), "an identity's tunnels share its address");
+        let b_addr = v4(&b);
+        drop(b);
+        // b's address is free again: c, whose sticky hash may point anywhere, finds a free
+        // address without sharing.
+        let c = p.choose(&state, None, &user("c"), Ask::default(), &t);
+        assert_eq!(v4(&c), b_addr);
+        assert_eq!(state.held(), 2);
+        drop((a, a2, c));
+        assert_eq!(state.held(), 0);
+    }
+
+    #[test]
+    fn a_session_is_pinned_and_rotate_moves_it() {
+        let state = State::default();
+        let text = "[auth]\ncredentials_file = \"x\"\n[auth.sessions]\nenabled = true\n\
+                    [egress]\ndefault_pool = \"p\"\n[[egress.pools]]\nname = \"p\"\n\
+                    addresses = [\"192.0.2.1\", \"192.0.2.2\", \"192.0.2.3\"]\n";
+        let p = Pools::new(&Config::from_toml(text, "t").unwrap());
+        let t = target("192.0.2.9:443");
+        let s = Ask::default().with_session("a", "s1");
+        let first = v4(&p.choose(&state, None, &user("a"), s, &t));
+        for _ in 0..5 {
+            p.choose(&state, None, &user("a"), Ask::default(), &t);
+            assert_eq!(v4(&p.choose(&state, None, &user("a"), s, &t)), first);
+        }
+        let moved = v4(&p.choose(&state, None, &user("a"), s.with_rotate(), &t));
+        assert_ne!(moved, first);
+        assert_eq!(v4(&p.choose(&state, None, &user("a"), s, &t)), moved);
+    }
 }
