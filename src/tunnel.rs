@@ -128,6 +128,7 @@ impl<C: ClientConn> Tunnel<C> {
         let handshake_deadline = server.header_timeout.0;
         let Tunnel { conn, client, .. } = self;
         let client_io = conn.into_io();
+        let client = client.addr.ip();
         let report = Report { ctx: Arc::clone(&ctx), client, target: req.target.clone(), mode: route.mode, held };
         if intercept {
             // Boxed: the TLS handshakes' state is large, and a blind tunnel should not carry
@@ -208,7 +209,9 @@ pub(crate) async fn refuse_with<C: ClientConn>(
 /// Reports a tunnel's relay and its end, once.
 struct Report {
     ctx: Arc<Context>,
-    client: ClientId,
+    /// The client's address, for the log lines (the whole `ClientId` is three times its size,
+    /// and every relay carries the report).
+    client: IpAddr,
     target: Target,
     mode: Mode,
     /// What the tunnel holds until the report goes.
@@ -305,7 +308,7 @@ impl Report {
             Err(e) => {
                 ctx.metrics.tls_handshake_failed(e.side());
                 warn!(
-                    client = client_field(self.client.addr.ip(), ctx.log_client()).as_deref(),
+                    client = client_field(self.client, ctx.log_client()).as_deref(),
                     target = %self.target,
                     side = e.side(),
                     // Quoted in text logs: it can carry the client's SNI or the origin's names.
@@ -379,7 +382,7 @@ impl Report {
         let duration = started.elapsed();
         self.ctx.metrics.tunnel_ended(self.mode, outcome.as_str(), duration);
         info!(
-            client = client_field(self.client.addr.ip(), self.ctx.log_client()).as_deref(),
+            client = client_field(self.client, self.ctx.log_client()).as_deref(),
             target = %self.target,
             mode = self.mode.as_str(),
             outcome = outcome.as_str(),
