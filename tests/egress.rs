@@ -148,14 +148,17 @@ async fn isolated_clients_never_share_an_address_while_one_is_free() {
     assert_eq!(pool_metric(&proxy, "tunnels", "p").await, 9.0);
 }
 
-async fn session_proxy(dir: &tempfile::TempDir, origin: &Origin, pool: &str, extra: &str) -> TestProxy {
+fn session_config(dir: &tempfile::TempDir, origin: &Origin, pool: &str, extra: &str) -> String {
     let users = htpasswd(dir, &[("alice", "pw", FAST_COST)]);
-    let text = format!(
+    format!(
         "{}[auth]\ncredentials_file = \"{}\"\n[auth.sessions]\nenabled = true\nsession_ttl = \"10m\"\n{extra}",
         config(origin, pool),
         users.display()
-    );
-    TestProxy::start(&text).await
+    )
+}
+
+async fn session_proxy(dir: &tempfile::TempDir, origin: &Origin, pool: &str, extra: &str) -> TestProxy {
+    TestProxy::start(&session_config(dir, origin, pool, extra)).await
 }
 
 #[tokio::test]
@@ -177,6 +180,22 @@ async fn a_session_in_the_user_name_pins_its_address_and_rotate_moves_it() {
     let a = source(&proxy, None, &target, Some("alice:pw")).await;
     assert_ne!(source(&proxy, None, &target, Some("alice:pw")).await, a);
     assert_eq!(pool_metric(&proxy, "tunnels", "p").await, 17.0);
+}
+
+#[tokio::test]
+async fn pins_and_counts_survive_a_reload() {
+    let origin = peer_origin("127.0.0.1:0").await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = session_config(&dir, &origin, &format!("{POOL}\nselect = \"rotate\""), "");
+    let proxy = TestProxy::start(&text).await;
+    let target = origin.addr.to_string();
+    let pinned = source(&proxy, None, &target, Some("alice-session-r1:pw")).await;
+    proxy.controller.reload(test_config(&text)).expect("reload");
+    for _ in 0..4 {
+        source(&proxy, None, &target, Some("alice:pw")).await;
+        assert_eq!(source(&proxy, None, &target, Some("alice-session-r1:pw")).await, pinned);
+    }
+    assert_eq!(pool_metric(&proxy, "tunnels", "p").await, 9.0, "the pool's count goes on");
 }
 
 #[tokio::test]
