@@ -285,4 +285,46 @@ mod tests {
         assert_ne!(moved, first);
         assert_eq!(v4(&p.choose(&state, None, &user("a"), s, &t)), moved);
     }
+
+    /// Collects what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(f: impl FnOnce()) -> String {
+        let out = Capture::default();
+        let w = out.clone();
+        let sub = tracing_subscriber::fmt().with_writer(move || w.clone()).with_ansi(false).finish();
+        tracing::subscriber::with_default(sub, f);
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn what_isolation_can_promise_is_said_at_load_and_when_exhausted() {
+        let log =
+            logged(|| drop(pools("addresses = [\"192.0.2.1\", \"2001:db8::1\", \"2001:db8::2\"]\nisolate = true")));
+        assert!(log.contains("WARN") && log.contains("egress pool cannot isolate") && log.contains("IPv4"), "{log}");
+        assert!(log.contains("isolates up to 2 client identities at once over IPv6"), "{log}");
+        assert_eq!(logged(|| drop(pools("addresses = [\"192.0.2.1\"]"))), "", "nothing to say without isolate");
+        let state = State::default();
+        let p = pools("addresses = [\"192.0.2.1\", \"192.0.2.2\"]\nisolate = true");
+        let t = target("192.0.2.9:443");
+        let (a, b) = (
+            p.choose(&state, None, &user("a"), Ask::default(), &t),
+            p.choose(&state, None, &user("b"), Ask::default(), &t),
+        );
+        let mut c = None;
+        let log = logged(|| c = Some(p.choose(&state, None, &user("c"), Ask::default(), &t)));
+        assert!(log.contains("no free address for another client identity"), "{log}");
+        assert!([v4(&a), v4(&b)].contains(&v4(&c.unwrap())), "shared");
+    }
 }
