@@ -85,7 +85,7 @@ impl<C: ClientConn> Tunnel<C> {
         };
         // Admitted: from here on the tunnel caps count this connection.
         self.pending = None;
-        let choice = shared.egress.choose(&ctx.egress, route.index, &key, ask, &req.target);
+        let egress = shared.egress.choose(&ctx.egress, route.index, &key, ask, &req.target).boxed();
         // In the live view from admission on (a failed dial leaves it again). The key moves
         // in here, so it is not carried through the dial and the relay.
         let live = shared
@@ -93,23 +93,18 @@ impl<C: ClientConn> Tunnel<C> {
             .admin
             .inspect
             .then(|| ctx.inspect.register(key, self.client.addr.ip(), req.target.to_string(), route.mode));
-        let held = Held::new(live, choice);
         if let Err(r) = shared.acl.check_target(&req.target) {
             return self.refuse(r, &req).await;
         }
-        let upstream =
-            match shared.dialer.dial(&req.target, held.choice().map_or(Egress::default(), |c| c.egress)).await {
-                Ok(d) => {
-                    shared.egress.dialed(held.choice().and_then(|c| c.pool), true);
-                    d
-                }
-                Err(e) => {
-                    shared.egress.dialed(held.choice().and_then(|c| c.pool), false);
-                    let detail = crate::detail::Detail::cause(e.cause);
-                    return refuse_with(&self.ctx, &mut self.conn, &self.client, e.refusal(), Some(&req), &detail)
-                        .await;
-                }
-            };
+        let dialed = shared.dialer.dial(&req.target, egress.as_ref().map_or(Egress::default(), |c| c.egress)).await;
+        shared.egress.dialed(egress.as_deref(), dialed.is_ok());
+        let upstream = match dialed {
+            Ok(d) => d,
+            Err(e) => {
+                let detail = crate::detail::Detail::cause(e.cause);
+                return refuse_with(&self.ctx, &mut self.conn, &self.client, e.refusal(), Some(&req), &detail).await;
+            }
+        };
         if let (Some(bytes), Some(tcp)) = (receive_window(&lease, Direction::Up), self.conn.tcp()) {
             dial::set_receive_buffer(tcp, bytes);
         }
@@ -129,7 +124,14 @@ impl<C: ClientConn> Tunnel<C> {
         let Tunnel { conn, client, .. } = self;
         let client_io = conn.into_io();
         let client = client.addr.ip();
-        let report = Report { ctx: Arc::clone(&ctx), client, target: req.target.clone(), mode: route.mode, held };
+        let report = Report {
+            ctx: Arc::clone(&ctx),
+            client,
+            target: req.target.clone(),
+            mode: route.mode,
+            live,
+            _egress: egress,
+        };
         if intercept {
             // Boxed: the TLS handshakes' state is large, and a blind tunnel should not carry
             // room for it for its whole life.
@@ -214,44 +216,12 @@ struct Report {
     client: IpAddr,
     target: Target,
     mode: Mode,
-    /// What the tunnel holds until the report goes.
-    held: Held,
-}
-
-/// What a tunnel holds for its whole life besides its lease: its place in the live view
-/// (`admin.inspect`), and through an egress pool its choice there (sources, pool, and the
-/// addresses an isolating pool lent it, free again when dropped). One enum, so every
-/// tunnel's state carries one tag and one pointer, as the live view's alone did; only a
-/// tunnel through a pool allocates.
-enum Held {
-    Nothing,
-    Live(crate::inspect::Registered),
-    Egress(Box<(Option<crate::inspect::Registered>, crate::egress::Choice)>),
-}
-
-impl Held {
-    fn new(live: Option<crate::inspect::Registered>, choice: crate::egress::Choice) -> Held {
-        match (choice.pool.is_some(), live) {
-            (true, live) => Held::Egress(Box::new((live, choice))),
-            (false, Some(live)) => Held::Live(live),
-            (false, None) => Held::Nothing,
-        }
-    }
-
-    fn live(&self) -> Option<&crate::inspect::Registered> {
-        match self {
-            Held::Live(live) => Some(live),
-            Held::Egress(b) => b.0.as_ref(),
-            Held::Nothing => None,
-        }
-    }
-
-    fn choice(&self) -> Option<&crate::egress::Choice> {
-        match self {
-            Held::Egress(b) => Some(&b.1),
-            _ => None,
-        }
-    }
+    /// The tunnel's place in the live view (`admin.inspect`); leaves it when the report goes.
+    live: Option<crate::inspect::Registered>,
+    /// The tunnel's egress pool choice, with the addresses an isolating pool lent it (free
+    /// again when the report goes). Boxed: one pointer in every tunnel's state, and no
+    /// allocation for a tunnel through no pool.
+    _egress: Option<Box<crate::egress::Choice>>,
 }
 
 impl Report {
@@ -367,7 +337,7 @@ impl Report {
     }
 
     fn live(&self) -> Option<&Arc<crate::inspect::Live>> {
-        self.held.live().map(|l| l.live())
+        self.live.as_ref().map(|l| l.live())
     }
 
     /// Closes the observation (MITM) and reports the relay's end.

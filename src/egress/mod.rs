@@ -71,6 +71,13 @@ impl Choice {
     fn direct() -> Choice {
         Choice { egress: Egress::default(), pool: None, hold: None }
     }
+
+    /// Boxed when it came from a pool, else nothing: a tunnel keeps its choice for its whole
+    /// life (the hold), and one through no pool should carry no more than a pointer for it,
+    /// nor allocate.
+    pub fn boxed(self) -> Option<Box<Choice>> {
+        self.pool.is_some().then(|| Box::new(self))
+    }
 }
 
 /// The pools of one configuration snapshot.
@@ -168,9 +175,9 @@ impl Pools {
         Choice { egress: Egress::Pool(sources), pool: Some(index), hold }
     }
 
-    /// Counts a dial through `pool` (a [`Choice`]'s).
-    pub fn dialed(&self, pool: Option<usize>, ok: bool) {
-        if let Some(p) = pool.and_then(|i| self.pools.get(i)) {
+    /// Counts a dial through `choice`'s pool, if any.
+    pub fn dialed(&self, choice: Option<&Choice>, ok: bool) {
+        if let Some(p) = choice.and_then(|c| c.pool).and_then(|i| self.pools.get(i)) {
             if ok { &p.counters.tunnels } else { &p.counters.failures }.increment(1);
         }
     }
