@@ -130,10 +130,9 @@ impl Pools {
             Some(i) => self.by_route.get(i).copied().flatten(),
             None => self.default,
         };
-        let Some(index) = index else {
+        let Some((index, pool)) = index.and_then(|i| Some((i, self.pools.get(i)?))) else {
             return Choice::direct();
         };
-        let pool = &self.pools[index];
         let owner = hash::identity(key);
         let mut hold = state.hold(owner);
         let families = match &target.host {
