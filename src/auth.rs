@@ -25,6 +25,8 @@ use base64::Engine;
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
+use crate::config::SessionsConfig;
+use crate::egress::Ask;
 use crate::limits::{ClientKey, Governor};
 use slots::Slots;
 
@@ -35,6 +37,8 @@ const FAILED_MAX: usize = 10_000;
 /// How long a failed header is refused without a second hash. Short, because the cache is
 /// for hammering, and a user who fixes a typo sends a different header anyway.
 pub const FAILED_TTL: Duration = Duration::from_secs(30);
+/// Longest session identifier in a user name (`alice-session-ID`).
+const MAX_SESSION_ID: usize = 64;
 /// Longest header value considered; real Basic credentials are far shorter.
 const MAX_HEADER: usize = 1024;
 /// How long a request may wait for a verification slot before it is told the proxy is busy.
@@ -52,7 +56,9 @@ pub struct Auth {
     users: HashMap<String, String>,
     dummy: String,
     realm: String,
-    verified: DashMap<[u8; 32], Arc<str>>,
+    /// `[auth.sessions]` when enabled: user names carry egress parameters.
+    sessions: Option<SessionsConfig>,
+    verified: DashMap<[u8; 32], (Arc<str>, Ask)>,
     failed: DashMap<[u8; 32], Instant>,
     slots: Slots,
     verify_wait: Duration,
@@ -63,6 +69,12 @@ pub struct Auth {
 pub enum Verdict {
     /// Valid credentials of this user.
     User(Arc<str>),
+    /// Valid credentials of this user, whose name asked for a session or a fresh egress
+    /// address (`[auth.sessions]`).
+    Session(Arc<str>, Ask),
+    /// The user name carries a parameter `[auth.sessions]` does not know, or a malformed
+    /// one (407, `auth_session_param`); no hash was computed.
+    BadParameter,
     /// Missing, malformed or wrong credentials (407).
     Denied,
     /// No verification slot came free in time (503): nothing is known about the password.
@@ -100,6 +112,14 @@ pub enum AuthError {
 impl Auth {
     /// Loads `user:hash` lines; blank lines and `#` comments are skipped.
     pub fn load(path: &Path, realm: &str) -> Result<Auth, AuthError> {
+        Auth::load_with(path, realm, None)
+    }
+
+    /// [`Auth::load`], with egress parameters in user names when `sessions` is enabled. A
+    /// user name containing the separator is refused then: it could never be told apart from
+    /// a name with parameters.
+    pub fn load_with(path: &Path, realm: &str, sessions: Option<&SessionsConfig>) -> Result<Auth, AuthError> {
+        let sessions = sessions.filter(|s| s.enabled).cloned();
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: shown.clone(), source })?;
         let mut users = HashMap::new();
@@ -114,6 +134,9 @@ impl Auth {
             if user.is_empty() {
                 return Err(bad("empty user name"));
             }
+            if sessions.as_ref().is_some_and(|s| user.contains(s.separator.as_str())) {
+                return Err(bad("user name contains auth.sessions.separator"));
+            }
             let cost = bcrypt_cost(hash).map_err(|p| bad(&p))?;
             highest = highest.max(Some(cost));
             users.insert(user.to_string(), hash.to_string());
@@ -126,6 +149,7 @@ impl Auth {
             users,
             dummy,
             realm: realm.to_string(),
+            sessions,
             verified: DashMap::new(),
             failed: DashMap::new(),
             slots: Slots::new(cpus),
@@ -155,8 +179,16 @@ impl Auth {
         if let Some(known) = self.cached(&digest) {
             return known;
         }
-        let Some((user, password)) = basic_credentials(header) else {
+        let Some((name, password)) = basic_credentials(header) else {
             return Verdict::Denied;
+        };
+        // Before any budget or hash: a bad parameter is the same answer whatever the password.
+        let (user, ask) = match &self.sessions {
+            None => (name, Ask::default()),
+            Some(s) => match parameters(&name, s) {
+                Some((user, ask)) => (user.to_string(), ask),
+                None => return Verdict::BadParameter,
+            },
         };
         if let Err(retry_after) = governor.auth_attempt(client) {
             return Verdict::TooManyAttempts { retry_after };
@@ -186,8 +218,8 @@ impl Auth {
                 if self.verified.len() >= CACHE_MAX {
                     self.verified.clear();
                 }
-                self.verified.insert(digest, Arc::clone(&user));
-                Verdict::User(user)
+                self.verified.insert(digest, (Arc::clone(&user), ask));
+                verdict(user, ask)
             }
             Ok(_) => {
                 self.remember_failure(digest);
@@ -200,8 +232,9 @@ impl Auth {
 
     /// What the caches say about a header, if anything.
     fn cached(&self, digest: &[u8; 32]) -> Option<Verdict> {
-        if let Some(user) = self.verified.get(digest) {
-            return Some(Verdict::User(Arc::clone(user.value())));
+        if let Some(known) = self.verified.get(digest) {
+            let (user, ask) = known.value();
+            return Some(verdict(Arc::clone(user), *ask));
         }
         let failed_at = self.failed.get(digest).map(|at| *at)?;
         (failed_at.elapsed() < FAILED_TTL).then_some(Verdict::Denied)
@@ -216,6 +249,35 @@ impl Auth {
         }
         self.failed.insert(digest, Instant::now());
     }
+}
+
+fn verdict(user: Arc<str>, ask: Ask) -> Verdict {
+    if ask == Ask::default() { Verdict::User(user) } else { Verdict::Session(user, ask) }
+}
+
+/// `USER[SEP KEY [SEP VALUE]]...` split into the user and what the parameters ask; `None`
+/// for a parameter not known, given twice, or a session identifier that is missing, longer
+/// than [`MAX_SESSION_ID`] or not of `A-Z a-z 0-9 _`.
+fn parameters<'a>(name: &'a str, s: &SessionsConfig) -> Option<(&'a str, Ask)> {
+    let mut parts = name.split(s.separator.as_str());
+    let user = parts.next().unwrap_or_default();
+    let mut ask = Ask::default();
+    while let Some(key) = parts.next() {
+        if key == s.session_key && ask.session().is_none() {
+            let id = parts.next()?;
+            let valid =
+                (1..=MAX_SESSION_ID).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return None;
+            }
+            ask = ask.with_session(user, id);
+        } else if key == s.rotate_key && !ask.rotate() {
+            ask = ask.with_rotate();
+        } else {
+            return None;
+        }
+    }
+    Some((user, ask))
 }
 
 /// The cost of a bcrypt hash in the forms `htpasswd -B` writes, or why it is not one.
@@ -291,6 +353,57 @@ mod tests {
             assert!(err.contains("line 2") && err.contains(problem), "{bad}: {err}");
             assert!(err.contains("auth.credentials_file"), "{err}");
         }
+    }
+
+    #[test]
+    fn user_names_carry_egress_parameters() {
+        let s = SessionsConfig { enabled: true, ..SessionsConfig::default() };
+        let session = |user: &str, id: &str| Ask::default().with_session(user, id);
+        assert_eq!(parameters("alice", &s), Some(("alice", Ask::default())));
+        assert_eq!(parameters("alice-session-abc123", &s), Some(("alice", session("alice", "abc123"))));
+        assert_eq!(parameters("alice-rotate", &s), Some(("alice", Ask::default().with_rotate())));
+        let both = parameters("alice-session-x_1-rotate", &s).unwrap();
+        assert_eq!(both, ("alice", session("alice", "x_1").with_rotate()));
+        assert_eq!((both.1.session(), both.1.rotate()), (session("alice", "x_1").session(), true));
+        assert!(session("alice", "x_1").session().is_some() && !session("alice", "x_1").rotate());
+        assert_ne!(session("alice", "a"), session("bob", "a"), "a session is the user's");
+        for bad in [
+            "alice-country-de",
+            "alice-session",
+            "alice-session-",
+            "alice-session-a-session-b",
+            "alice-rotate-rotate",
+            "alice-session-a.b",
+            "alice-",
+            &format!("alice-session-{}", "x".repeat(65)),
+        ] {
+            assert_eq!(parameters(bad, &s), None, "{bad}");
+        }
+        let custom = SessionsConfig { separator: "__".into(), session_key: "sid".into(), ..s };
+        assert_eq!(parameters("alice__sid__7", &custom), Some(("alice", session("alice", "7"))));
+    }
+
+    #[tokio::test]
+    async fn sessions_authenticate_as_the_user_and_refuse_unknown_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SessionsConfig { enabled: true, ..SessionsConfig::default() };
+        let path = file(&dir, &[format!("alice:{}", bcrypt::hash("p", 4).unwrap())]);
+        let auth = Auth::load_with(&path, "r", Some(&s)).unwrap();
+        let (g, client, hashes) = (governor(), ClientKey::V4("127.0.0.2".parse().unwrap()), metrics::Counter::noop());
+        let ask = Ask::default().with_session("alice", "abc");
+        let want = Verdict::Session("alice".into(), ask);
+        assert_eq!(auth.check(Some(&header("alice-session-abc:p")), &client, &g, &hashes).await, want);
+        assert_eq!(auth.check(Some(&header("alice-session-abc:p")), &client, &g, &hashes).await, want, "cached");
+        assert_eq!(auth.check(Some(&header("alice-session-abc:wrong")), &client, &g, &hashes).await, Verdict::Denied);
+        assert_eq!(auth.check(Some(&header("alice-bogus:p")), &client, &g, &hashes).await, Verdict::BadParameter);
+        // Without [auth.sessions] the name is taken whole: no such user.
+        let plain = Auth::load(&path, "r").unwrap();
+        let other = ClientKey::V4("127.0.0.3".parse().unwrap());
+        assert_eq!(plain.check(Some(&header("alice-rotate:p")), &other, &g, &hashes).await, Verdict::Denied);
+        // A user name with the separator cannot be told from parameters: refused at load.
+        let dashed = file(&dir, &[format!("al-ice:{}", bcrypt::hash("p", 4).unwrap())]);
+        let err = Auth::load_with(&dashed, "r", Some(&s)).err().unwrap().to_string();
+        assert!(err.contains("line 1") && err.contains("separator"), "{err}");
     }
 
     #[tokio::test]

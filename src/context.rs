@@ -43,6 +43,8 @@ pub struct Shared {
     pub route_ids: Vec<Arc<str>>,
     /// `[[upstreams]]` and `[[upstream_groups]]` with their health, and each route's parent.
     pub parents: Parents,
+    /// `[egress]` compiled: the source address pools.
+    pub egress: crate::egress::Pools,
 }
 
 /// A configuration whose files could not be loaded.
@@ -68,7 +70,7 @@ impl Shared {
     /// [`Shared::check`]) all come here, so no file passes one and fails another.
     pub fn build(config: Config, own: &[SocketAddr]) -> Result<Shared, LoadError> {
         let auth = match &config.auth {
-            Some(a) => Some(Auth::load(&a.credentials_file, &a.realm)?),
+            Some(a) => Some(Auth::load_with(&a.credentials_file, &a.realm, Some(&a.sessions))?),
             None => None,
         };
         let interceptor = match &config.mitm {
@@ -88,6 +90,7 @@ impl Shared {
         Ok(Shared {
             route_ids,
             parents,
+            egress: crate::egress::Pools::new(&config),
             dialer: Dialer::new(Resolver::new(&config.dns), Arc::clone(&acl), config.server.connect_timeout.0),
             acl,
             auth,
@@ -132,14 +135,17 @@ pub struct Context {
     /// The TLS listeners' bound addresses (ports chosen), which `/proxy.pac` announces by
     /// default.
     pub tls_listeners: Vec<SocketAddr>,
+    /// Egress addresses held and sessions pinned: kept across reloads.
+    pub egress: crate::egress::State,
 }
 
 impl Context {
     /// Builds the context for bound listeners.
-    pub fn new(shared: Shared, own: Vec<SocketAddr>, listeners: &[SocketAddr]) -> Context {
+    pub fn new(mut shared: Shared, own: Vec<SocketAddr>, listeners: &[SocketAddr]) -> Context {
         let metrics = Metrics::new(listeners);
         metrics.configured(&shared.config);
         shared.parents.start(&metrics);
+        shared.egress.observe(&metrics);
         Context {
             governor: Governor::build(&shared.config, metrics.cluster.clone()),
             pending: Pending::default(),
@@ -152,6 +158,7 @@ impl Context {
             stop: CancellationToken::new(),
             inspect: Arc::default(),
             tls_listeners: Vec::new(),
+            egress: crate::egress::State::default(),
         }
     }
 
@@ -173,11 +180,12 @@ impl Context {
     /// reload's one line.
     pub fn reload(&self, config: Config) -> Result<Changes, LoadError> {
         let changes = Changes::between(&self.shared.load().config, &config);
-        let next = Shared::build(config, &self.own)?;
+        let mut next = Shared::build(config, &self.own)?;
         self.governor.update(&next.config);
         self.metrics.configured(&next.config);
         next.parents.carry_health(&self.shared.load().parents);
         next.parents.start(&self.metrics);
+        next.egress.observe(&self.metrics);
         // The old snapshot's health checks stop here; its tunnels keep their parents.
         self.shared.swap(Arc::new(next)).parents.stop();
         Ok(changes)

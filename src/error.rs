@@ -94,6 +94,14 @@ pub enum Refusal {
     /// The cluster backend's Redis did not answer and `cluster.fail_mode = "closed"` (503).
     #[error("cluster limits unavailable")]
     ClusterUnavailable,
+    /// A user name with an egress parameter `[auth.sessions]` does not know, or one
+    /// malformed (407): refused, never ignored, and before any password is checked.
+    #[error("unknown or malformed parameter in the user name")]
+    AuthSessionParam,
+    /// The egress pool has no source address of the target's family and its
+    /// `family_fallback` is `refuse` (502).
+    #[error("egress pool has no source address of the target's family")]
+    EgressFamily,
 }
 
 /// A connection closed with no answer at all. Its peer is a balancer speaking the PROXY
@@ -137,7 +145,7 @@ impl Unanswered {
 impl Refusal {
     /// Every `refusals_total` label, so counters can be registered (at zero) before the
     /// first refusal: the answered refusals', then the [`Unanswered`] closes'.
-    pub const REASONS: [&'static str; 31] = [
+    pub const REASONS: [&'static str; 33] = [
         "bad_request",
         "method_not_allowed",
         "auth_required",
@@ -164,6 +172,8 @@ impl Refusal {
         "cluster_unavailable",
         "parent_failed",
         "parents_down",
+        "auth_session_param",
+        "egress_family",
         "proxy_protocol_untrusted",
         "proxy_protocol_missing",
         "proxy_protocol_malformed",
@@ -177,7 +187,7 @@ impl Refusal {
             Refusal::BadRequest(_) | Refusal::TlsOnPlaintext | Refusal::PlaintextOnTls => 400,
             Refusal::TlsRequired => 403,
             Refusal::MethodNotAllowed => 405,
-            Refusal::AuthRequired => 407,
+            Refusal::AuthRequired | Refusal::AuthSessionParam => 407,
             Refusal::AuthAttempts { .. } => 429,
             Refusal::AuthBusy => 503,
             Refusal::HeaderTimeout => 408,
@@ -185,7 +195,11 @@ impl Refusal {
             Refusal::PortDenied | Refusal::HostDenied | Refusal::AddressDenied | Refusal::RouteDenied => 403,
             Refusal::ClientCap | Refusal::RouteCap | Refusal::ClientRate { .. } | Refusal::ClientPendingCap => 429,
             Refusal::GlobalCap | Refusal::PendingCap | Refusal::ClusterUnavailable => 503,
-            Refusal::DnsFailed | Refusal::UpstreamFailed | Refusal::ParentFailed | Refusal::ParentsDown => 502,
+            Refusal::DnsFailed
+            | Refusal::UpstreamFailed
+            | Refusal::ParentFailed
+            | Refusal::ParentsDown
+            | Refusal::EgressFamily => 502,
             Refusal::UpstreamTimeout => 504,
         }
     }
@@ -219,6 +233,8 @@ impl Refusal {
             Refusal::ClusterUnavailable => "cluster_unavailable",
             Refusal::ParentFailed => "parent_failed",
             Refusal::ParentsDown => "parents_down",
+            Refusal::AuthSessionParam => "auth_session_param",
+            Refusal::EgressFamily => "egress_family",
         }
     }
 }
@@ -256,6 +272,8 @@ mod tests {
             Refusal::ClusterUnavailable,
             Refusal::ParentFailed,
             Refusal::ParentsDown,
+            Refusal::AuthSessionParam,
+            Refusal::EgressFamily,
         ];
         let unanswered = [
             Unanswered::ProxyProtocolUntrusted,

@@ -51,6 +51,9 @@ pub struct Live {
     /// By [`Direction`]; each shared with that direction's meter.
     bytes: [Arc<AtomicU64>; 2],
     sample: Mutex<Sample>,
+    /// Where to leave when the tunnel ends; here rather than in [`Registered`], so the
+    /// handle each tunnel carries is one pointer.
+    registry: Weak<Registry>,
 }
 
 /// Bytes and rates seen at the last inspection.
@@ -91,7 +94,6 @@ impl Live {
 /// A tunnel's place in the registry; leaving it (drop) removes the tunnel.
 pub struct Registered {
     live: Arc<Live>,
-    registry: Weak<Registry>,
 }
 
 impl Registered {
@@ -103,7 +105,7 @@ impl Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        if let Some(r) = self.registry.upgrade() {
+        if let Some(r) = self.live.registry.upgrade() {
             r.tunnels.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.live.id);
         }
     }
@@ -133,9 +135,10 @@ impl Registry {
             started: now,
             bytes: Default::default(),
             sample: Mutex::new(Sample { at: now, bytes: [0; 2], rate: [0.0; 2] }),
+            registry: Arc::downgrade(self),
         });
         self.tunnels.lock().unwrap_or_else(|e| e.into_inner()).insert(live.id, Arc::clone(&live));
-        Registered { live, registry: Arc::downgrade(self) }
+        Registered { live }
     }
 
     /// Counts a refusal of the client `key`. Bounded: the map forgets clients quiet for

@@ -31,6 +31,7 @@ pub mod connect;
 pub mod context;
 pub mod detail;
 pub mod dial;
+pub mod egress;
 pub mod error;
 pub mod front;
 pub mod inspect;

@@ -41,8 +41,8 @@ const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 /// refusal reason needs only [`Refusal::REASONS`], which registers it at zero here.
 pub struct Metrics {
     handle: PrometheusHandle,
-    /// Kept for the series whose labels come from the config and may change on reload
-    /// (the parents' names: [`Metrics::upstream`]).
+    /// Kept for the series whose labels come from the config and may change on reload (the
+    /// parents' names, [`Metrics::upstream`]; the pools', [`Metrics::config_counter`]).
     rec: std::sync::Arc<PrometheusRecorder>,
     /// Accepts on the listeners (the proxy's and the admin one).
     pub listeners: ListenerMetrics,
@@ -518,7 +518,13 @@ impl Metrics {
             .build_recorder();
         let rec = std::sync::Arc::new(rec);
         let r = Reg { rec: &rec };
-        let m = Metrics {
+        r.gauge(
+            "veilgate_build_info",
+            "Build information; the value is always 1.",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+        )
+        .set(1.0);
+        Metrics {
             handle: rec.handle(),
             rec: std::sync::Arc::clone(&rec),
             listeners: ListenerMetrics::new(&r, listeners),
@@ -532,14 +538,13 @@ impl Metrics {
             config: ConfigMetrics::new(&r),
             process: ProcessMetrics::new(&r),
             cluster: ClusterMetrics::new(&r),
-        };
-        r.gauge(
-            "veilgate_build_info",
-            "Build information; the value is always 1.",
-            &[("version", env!("CARGO_PKG_VERSION"))],
-        )
-        .set(1.0);
-        m
+        }
+    }
+
+    /// A counter labelled with a name the configuration gives (an egress pool's), registered
+    /// at zero. Bounded: only the operator writes such names, never a client.
+    pub fn config_counter(&self, name: &'static str, help: &'static str, label: (&'static str, String)) -> Counter {
+        Reg { rec: &self.rec }.counter_owned(name, help, label)
     }
 
     /// The series of the parent proxy `name` (a name from `[[upstreams]]`, so the label set

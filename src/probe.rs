@@ -21,7 +21,7 @@ use tokio_rustls::TlsConnector;
 use base64::Engine as _;
 
 use crate::config::DnsConfig;
-use crate::dial::{Resolver, connect_one};
+use crate::dial::{Resolver, Source, connect_one};
 use crate::mitm::ca::read_pem_certs;
 use crate::target::{Host, Target};
 
@@ -293,7 +293,7 @@ async fn connect_direct(target: &Target, dns: Option<&DnsConfig>) -> Result<TcpS
         .map_err(|e| fail(format!("resolving {name} with the configuration's [dns]: {}", e.cause)))?;
     let mut last = fail(format!("{name} has no address"));
     for ip in resolved.addrs {
-        match timed(connect_one(SocketAddr::new(ip, target.port), None), "connecting to the origin").await {
+        match timed(connect_one(SocketAddr::new(ip, target.port), Source::Kernel), "connecting to the origin").await {
             Ok(s) => return Ok(s),
             Err(e) => last = e,
         }

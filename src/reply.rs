@@ -47,7 +47,7 @@ pub fn refusal(refusal: &Refusal, realm: Option<&str>) -> Vec<u8> {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             head.push_str(&format!("Retry-After: {}\r\n", secs.max(1)));
         }
-        Refusal::AuthRequired => {
+        Refusal::AuthRequired | Refusal::AuthSessionParam => {
             head.push_str(&format!("Proxy-Authenticate: Basic realm=\"{}\"\r\n", realm.unwrap_or("veilgate")));
         }
         _ => {}

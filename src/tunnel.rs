@@ -14,7 +14,8 @@ use crate::auth::Verdict;
 use crate::config::{ClientAddressLog, Mode};
 use crate::connect::ConnectRequest;
 use crate::context::{Context, Shared};
-use crate::dial::{self, Stream};
+use crate::dial::{self, Egress, Stream};
+use crate::egress::Ask;
 use crate::error::Refusal;
 use crate::front::{ClientConn, ClientId, ClientIo};
 use crate::limits::pending::PendingPermit;
@@ -44,11 +45,11 @@ impl<C: ClientConn> Tunnel<C> {
     pub async fn run(mut self, shared: Arc<Shared>, req: ConnectRequest) {
         let ctx = Arc::clone(&self.ctx);
         let server = &shared.config.server;
-        let key = match &shared.auth {
+        let (key, ask) = match &shared.auth {
             // A verified client certificate names the client when no [auth] user does.
             None => match &self.client.identity {
-                Some(id) => ClientKey::User(Arc::clone(id)),
-                None => shared.client_key(self.client.addr.ip()),
+                Some(id) => (ClientKey::User(Arc::clone(id)), Ask::default()),
+                None => (shared.client_key(self.client.addr.ip()), Ask::default()),
             },
             Some(auth) => {
                 // Before the credentials are even looked at: they have crossed in the clear
@@ -59,8 +60,10 @@ impl<C: ClientConn> Tunnel<C> {
                 let from = shared.client_key(self.client.addr.ip());
                 let hashes = &ctx.metrics.auth.hashes;
                 match auth.check(req.proxy_authorization.as_deref(), &from, &ctx.governor, hashes).await {
-                    Verdict::User(user) => ClientKey::User(user),
+                    Verdict::User(user) => (ClientKey::User(user), Ask::default()),
+                    Verdict::Session(user, ask) => (ClientKey::User(user), ask),
                     Verdict::Denied => return self.refuse(Refusal::AuthRequired, &req).await,
+                    Verdict::BadParameter => return self.refuse(Refusal::AuthSessionParam, &req).await,
                     Verdict::Busy => return self.refuse(Refusal::AuthBusy, &req).await,
                     Verdict::TooManyAttempts { retry_after } => {
                         return self.refuse(Refusal::AuthAttempts { retry_after }, &req).await;
@@ -87,8 +90,14 @@ impl<C: ClientConn> Tunnel<C> {
         };
         // Admitted: from here on the tunnel caps count this connection.
         self.pending = None;
-        // The route's way out, while the client's key is at hand (the live view takes it).
-        let egress = shared.parents.egress(route.index, &key);
+        // The route's way out, while the client's key is at hand (the live view takes it): its
+        // parent proxy when it names one (validation keeps pools off such routes), else a
+        // source from its egress pool, else the kernel's.
+        let parent = shared.parents.egress(route.index, &key);
+        let choice = match parent {
+            Egress::Parent(_) => None,
+            _ => shared.egress.choose(&ctx.egress, route.index, &key, ask, &req.target).boxed(),
+        };
         // In the live view from admission on (a failed dial leaves it again). The key moves
         // in here, so it is not carried through the dial and the relay.
         let live = shared
@@ -96,7 +105,10 @@ impl<C: ClientConn> Tunnel<C> {
             .admin
             .inspect
             .then(|| ctx.inspect.register(key, self.client.addr.ip(), req.target.to_string(), route.mode));
-        let upstream = match shared.dialer.dial(&req.target, egress).await {
+        let egress = choice.as_ref().map_or(parent, |c| c.egress.clone());
+        let dialed = shared.dialer.dial(&req.target, egress).await;
+        shared.egress.dialed(choice.as_deref(), dialed.is_ok());
+        let upstream = match dialed {
             Ok(d) => d,
             Err(e) => {
                 let detail = crate::detail::Detail::cause(e.cause);
@@ -121,7 +133,15 @@ impl<C: ClientConn> Tunnel<C> {
         let handshake_deadline = server.header_timeout.0;
         let Tunnel { conn, client, .. } = self;
         let client_io = conn.into_io();
-        let report = Report { ctx: Arc::clone(&ctx), client, target: req.target.clone(), mode: route.mode, live };
+        let client = client.addr.ip();
+        let report = Report {
+            ctx: Arc::clone(&ctx),
+            client,
+            target: req.target.clone(),
+            mode: route.mode,
+            live,
+            _egress: choice,
+        };
         if intercept {
             // Validation keeps mitm routes off https:// parents, so this is a TCP stream.
             let Stream::Tcp(upstream) = upstream.stream else { return };
@@ -211,11 +231,17 @@ pub(crate) async fn refuse_with<C: ClientConn>(
 /// Reports a tunnel's relay and its end, once.
 struct Report {
     ctx: Arc<Context>,
-    client: ClientId,
+    /// The client's address, for the log lines (the whole `ClientId` is three times its size,
+    /// and every relay carries the report).
+    client: IpAddr,
     target: Target,
     mode: Mode,
     /// The tunnel's place in the live view (`admin.inspect`); leaves it when the report goes.
     live: Option<crate::inspect::Registered>,
+    /// The tunnel's egress pool choice, with the addresses an isolating pool lent it (free
+    /// again when the report goes). Boxed: one pointer in every tunnel's state, and no
+    /// allocation for a tunnel through no pool.
+    _egress: Option<Box<crate::egress::Choice>>,
 }
 
 impl Report {
@@ -272,7 +298,7 @@ impl Report {
             Err(e) => {
                 ctx.metrics.tls_handshake_failed(e.side());
                 warn!(
-                    client = client_field(self.client.addr.ip(), ctx.log_client()).as_deref(),
+                    client = client_field(self.client, ctx.log_client()).as_deref(),
                     target = %self.target,
                     side = e.side(),
                     // Quoted in text logs: it can carry the client's SNI or the origin's names.
@@ -346,7 +372,7 @@ impl Report {
         let duration = started.elapsed();
         self.ctx.metrics.tunnel_ended(self.mode, outcome.as_str(), duration);
         info!(
-            client = client_field(self.client.addr.ip(), self.ctx.log_client()).as_deref(),
+            client = client_field(self.client, self.ctx.log_client()).as_deref(),
             target = %self.target,
             mode = self.mode.as_str(),
             outcome = outcome.as_str(),

@@ -515,3 +515,28 @@ fn refused_parent_credentials_are_one_log_line_that_says_so_and_never_the_passwo
     assert_eq!(all.iter().filter(|l| l.contains("parent proxy marked down")).count(), 1, "{all:#?}");
     assert!(all.iter().all(|l| !l.contains("wrong-pass-2") && !l.contains("right-pass-1")), "{all:#?}");
 }
+
+#[tokio::test]
+async fn a_route_through_a_parent_takes_no_egress_pool_and_both_on_one_route_is_refused() {
+    let origin = Origin::echo().await;
+    let parent = RecordingSocks::start(origin.addr).await;
+    let port = origin.port();
+    let pools = "[egress]\ndefault_pool = \"p\"\n[[egress.pools]]\nname = \"p\"\naddresses = [\"127.0.0.51\"]\n";
+    let text = format!(
+        "{}\n{pools}[[upstreams]]\nname = \"rec\"\nurl = \"socks5h://{}\"\nhealth_check = \"1h\"\n\
+         [[routes]]\nhosts = [\"origin.test\"]\nupstream = \"rec\"\n",
+        loopback_policy(&[port]),
+        parent.addr
+    );
+    let proxy = TestProxy::start(&text).await;
+    tunnel_ok(&proxy, None, &format!("origin.test:{port}")).await;
+    assert_eq!(parent.requests().len(), 1, "through the parent");
+    // Anything else leaves from the default pool.
+    tunnel_ok(&proxy, None, &format!("127.0.0.1:{port}")).await;
+    assert_eq!(parent.requests().len(), 1);
+    expect_metric(&proxy, "veilgate_egress_tunnels_total{pool=\"p\"}", 1.0).await;
+    expect_metric(&proxy, &series("upstream_tunnels_total", "rec", "connected"), 1.0).await;
+    let both = text.replace("upstream = \"rec\"\n", "upstream = \"rec\"\negress = \"p\"\n");
+    let err = veilgate::config::Config::from_toml(&both, "test").unwrap_err().to_string();
+    assert!(err.contains("routes[0].upstream") && err.contains("not both"), "{err}");
+}

@@ -15,6 +15,7 @@ mod auth;
 mod cluster;
 pub mod diff;
 mod dns;
+mod egress;
 mod limits;
 mod log;
 mod mitm;
@@ -32,9 +33,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use admin::AdminConfig;
-pub use auth::AuthConfig;
+pub use auth::{AuthConfig, SessionsConfig};
 pub use cluster::{ClusterBackend, ClusterConfig, FailMode, RedisUrl};
 pub use dns::{DnsConfig, HostAddrs};
+pub use egress::{EgressConfig, FamilyFallback, PoolConfig, Select};
 pub use limits::{LimitsConfig, PerClientLimits};
 pub use log::{ClientAddressLog, LogConfig, LogFormat};
 pub use mitm::MitmConfig;
@@ -132,6 +134,8 @@ pub struct Config {
     pub upstream_groups: Vec<UpstreamGroupConfig>,
     /// The proxy auto-config file served at `/proxy.pac`.
     pub pac: PacConfig,
+    /// Source address pools tunnels leave from.
+    pub egress: EgressConfig,
 }
 
 impl Config {
@@ -197,8 +201,17 @@ impl Config {
         self.limits.validate(origin)?;
         self.policy.validate(origin)?;
         self.cluster.validate(origin)?;
+        self.egress.validate(origin)?;
         for (i, route) in self.routes.iter().enumerate() {
             route.validate(origin, i)?;
+            // Cross-section: a route's pool must exist.
+            if let Some(name) = route.egress.as_deref().filter(|n| !self.egress.has_pool(n)) {
+                return Err(ConfigError::invalid(
+                    origin,
+                    &format!("routes[{i}].egress"),
+                    format!("no [[egress.pools]] entry is named {name:?}"),
+                ));
+            }
         }
         upstreams::validate(origin, &self.upstreams, &self.upstream_groups)?;
         self.validate_route_upstreams(origin)?;
@@ -255,6 +268,14 @@ impl Config {
             };
             if route.mode == Mode::Deny {
                 return Err(ConfigError::invalid(origin, &key, "a deny route never dials; remove upstream".into()));
+            }
+            // The parent dials the origin, from its own address: a source pool cannot apply.
+            if route.egress.is_some() {
+                return Err(ConfigError::invalid(
+                    origin,
+                    &key,
+                    "a route goes through a parent (upstream) or leaves from a pool (egress), not both".into(),
+                ));
             }
             // The interception's upstream handshake runs on a TCP stream; an https:// parent's
             // tunnel is inside TLS already.

@@ -45,6 +45,9 @@ pub struct RouteConfig {
     /// none: veilgate dials them itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+    /// The `[[egress.pools]]` entry these destinations leave from (else `egress.default_pool`).
+    #[serde(default)]
+    pub egress: Option<String>,
 }
 
 impl RouteConfig {

@@ -4,24 +4,44 @@
 //! (an egress pool's) is bound.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
-use super::{Cause, DialError, DialErrorKind, Hop};
+use super::{Cause, DialError, DialErrorKind, Hop, Source, Sources};
 
 /// RFC 8305's recommended "Connection Attempt Delay".
 pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
-/// One connection attempt from `bind` (any local address when `None`) to `addr`.
-pub async fn connect_one(addr: SocketAddr, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+/// One connection attempt from `source` to `addr`.
+pub async fn connect_one(addr: SocketAddr, source: Source) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    if let Some(ip) = bind {
-        socket.bind(SocketAddr::new(ip, 0))?;
+    match source {
+        Source::Kernel => {}
+        Source::Bind(ip) => socket.bind(SocketAddr::new(ip, 0))?,
+        Source::Freebind(ip) => {
+            freebind(&socket, ip.is_ipv6())?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        // The dialer drops such addresses before connecting; fail closed if one gets here.
+        Source::Refuse => return Err(io::ErrorKind::AddrNotAvailable.into()),
     }
     socket.connect(addr).await
+}
+
+/// Lets the socket bind an address the host does not have: one drawn from a pool's prefix,
+/// which a local route delivers to this host.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn freebind(socket: &TcpSocket, v6: bool) -> io::Result<()> {
+    let sock = socket2::SockRef::from(socket);
+    if v6 { sock.set_freebind_v6(true) } else { sock.set_freebind_v4(true) }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn freebind(_: &TcpSocket, _: bool) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
 }
 
 /// RFC 8305 §4: alternate address families, starting with the first family the resolver gave.
@@ -40,12 +60,12 @@ pub fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
 
 pub async fn connect_happy(
     addrs: Vec<SocketAddr>,
-    bind: Option<IpAddr>,
+    sources: Sources,
     deadline: Duration,
 ) -> Result<(TcpStream, SocketAddr), DialError> {
     if let [addr] = addrs[..] {
         // One address: nothing to race, so no task to spawn.
-        return match tokio::time::timeout(deadline, connect_one(addr, bind)).await {
+        return match tokio::time::timeout(deadline, connect_one(addr, sources.to(&addr))).await {
             Ok(Ok(s)) => Ok((s, addr)),
             Ok(Err(e)) => Err(connect_error(Some(&e))),
             Err(_) => Err(DialError { hop: Hop::Origin, kind: DialErrorKind::Timeout, cause: Cause::Deadline }),
@@ -59,7 +79,7 @@ pub async fn connect_happy(
             if attempts.is_empty() {
                 match pending.next() {
                     Some(a) => {
-                        attempts.spawn(async move { (a, connect_one(a, bind).await) });
+                        attempts.spawn(async move { (a, connect_one(a, sources.to(&a)).await) });
                     }
                     None => return Err(last_err),
                 }
@@ -71,14 +91,14 @@ pub async fn connect_happy(
                         tracing::debug!(%addr, error = %e, "upstream attempt failed");
                         last_err = Some(e);
                         if let Some(a) = pending.next() {
-                            attempts.spawn(async move { (a, connect_one(a, bind).await) });
+                            attempts.spawn(async move { (a, connect_one(a, sources.to(&a)).await) });
                         }
                     }
                     Some(Err(_)) | None => {}
                 },
                 _ = tokio::time::sleep(ATTEMPT_DELAY), if pending.len() > 0 => {
                     if let Some(a) = pending.next() {
-                        attempts.spawn(async move { (a, connect_one(a, bind).await) });
+                        attempts.spawn(async move { (a, connect_one(a, sources.to(&a)).await) });
                     }
                 }
             }
@@ -118,9 +138,9 @@ mod tests {
     #[tokio::test]
     async fn an_attempt_leaves_from_the_bound_source() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let s = connect_one(l.local_addr().unwrap(), Some("127.0.0.7".parse().unwrap())).await.unwrap();
+        let s = connect_one(l.local_addr().unwrap(), Source::Bind("127.0.0.7".parse().unwrap())).await.unwrap();
         let (_, peer) = l.accept().await.unwrap();
-        assert_eq!(peer.ip(), "127.0.0.7".parse::<IpAddr>().unwrap());
+        assert_eq!(peer.ip(), "127.0.0.7".parse::<std::net::IpAddr>().unwrap());
         assert_eq!(s.local_addr().unwrap().ip(), peer.ip());
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 pub use connect::{ATTEMPT_DELAY, connect_one};
+
 pub use resolve::{Resolved, Resolver};
 
 use crate::error::Refusal;
@@ -27,8 +28,8 @@ use crate::target::{Host, Target};
 /// How a tunnel leaves the proxy.
 #[derive(Debug, Clone)]
 pub enum Egress {
-    /// Connect to the origin ourselves, from `bind` when set (an egress pool's address), else
-    /// from whatever address the kernel picks.
+    /// Connect to the origin ourselves, from `bind` when set, else from whatever address the
+    /// kernel picks.
     Direct {
         /// Source address.
         bind: Option<IpAddr>,
@@ -36,12 +37,46 @@ pub enum Egress {
     /// Through a parent proxy, or one of a group's (`routes.upstream`). Boxed, so the
     /// direct way does not pay for it in every tunnel's state.
     Parent(Box<parent::ParentEgress>),
+    /// Connect to the origin ourselves, from an egress pool's choice for each address
+    /// family (see [`crate::egress`]): which family a name's answer brings is known only here.
+    Pool(Sources),
 }
 
 impl Default for Egress {
     fn default() -> Egress {
         Egress::Direct { bind: None }
     }
+}
+
+/// A source for each address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sources {
+    /// For IPv4 targets.
+    pub v4: Source,
+    /// For IPv6 targets.
+    pub v6: Source,
+}
+
+impl Sources {
+    /// The source for a connection to `addr`.
+    pub fn to(&self, addr: &SocketAddr) -> Source {
+        if addr.is_ipv4() { self.v4 } else { self.v6 }
+    }
+}
+
+/// Where one connection leaves from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Source {
+    /// The kernel's choice.
+    #[default]
+    Kernel,
+    /// This address, configured on the host.
+    Bind(IpAddr),
+    /// This address, not configured on the host but routed to it (a pool's prefix): bound
+    /// with IP_FREEBIND / IPV6_FREEBIND.
+    Freebind(IpAddr),
+    /// None: the pool has no address of this family and refuses to leave from another.
+    Refuse,
 }
 
 /// Which step of the way out failed.
@@ -56,6 +91,8 @@ pub enum Hop {
     /// Reaching a parent proxy or its handshake (connect, TLS, greeting, credentials): the
     /// parent is marked down.
     Parent,
+    /// Choosing the source: the egress pool has no address of the target's family.
+    Source,
 }
 
 /// What went wrong at that step.
@@ -71,6 +108,8 @@ pub enum DialErrorKind {
     Timeout,
     /// Every parent the route may use is marked down.
     Unavailable,
+    /// No source address of the target's family (the pool's `family_fallback = "refuse"`).
+    NoSource,
 }
 
 /// A failed dial: the hop and what happened there.
@@ -120,6 +159,8 @@ pub enum Cause {
     ParentTls,
     /// Every parent of the route is down until a health check passes.
     AllDown,
+    /// The egress pool has no source address of the target's family.
+    NoSourceFamily,
 }
 
 impl std::fmt::Display for Cause {
@@ -149,6 +190,7 @@ impl std::fmt::Display for Cause {
             Cause::ParentProtocol => "the parent does not speak the protocol of its URL",
             Cause::ParentTls => "TLS with the parent failed",
             Cause::AllDown => "every parent of the route is down until a health check passes",
+            Cause::NoSourceFamily => "egress pool has no source address of the target's family",
         };
         f.write_str(s)
     }
@@ -179,6 +221,7 @@ impl DialError {
     /// fails is 502 under its own reason, and so is a route whose parents are all down.
     pub fn refusal(&self) -> Refusal {
         match (self.hop, self.kind) {
+            (_, DialErrorKind::NoSource) => Refusal::EgressFamily,
             (_, DialErrorKind::Denied) => Refusal::AddressDenied,
             (_, DialErrorKind::Unavailable) => Refusal::ParentsDown,
             (Hop::Resolve, _) | (_, DialErrorKind::NoAddress) => Refusal::DnsFailed,
@@ -237,8 +280,10 @@ impl Dialer {
     /// Resolves `target`, drops every address the ACL refuses, and connects to what is left
     /// by `egress`; or has a parent proxy do it.
     pub async fn dial(&self, target: &Target, egress: Egress) -> Result<Dialed, DialError> {
-        let bind = match egress {
-            Egress::Direct { bind } => bind,
+        let sources = match egress {
+            Egress::Direct { bind: None } => Sources { v4: Source::Kernel, v6: Source::Kernel },
+            Egress::Direct { bind: Some(ip) } => Sources { v4: Source::Bind(ip), v6: Source::Bind(ip) },
+            Egress::Pool(sources) => sources,
             // Boxed: a direct tunnel should not carry room for a parent's handshake.
             Egress::Parent(p) => return Box::pin(parent::dial(self, target, &p.via, p.client)).await,
         };
@@ -251,11 +296,13 @@ impl Dialer {
                 (r.addrs, r.lookup_time)
             }
         };
-        let allowed = self.checked(ips, target.port)?;
-        let started = Instant::now();
-        let (stream, addr) = connect::connect_happy(connect::interleave(allowed), bind, self.connect_timeout).await?;
-        tune(&stream);
-        Ok(Dialed { stream: Stream::Tcp(stream), addr, connect_time: started.elapsed(), lookup_time })
+        let mut allowed = self.checked(ips, target.port)?;
+        // Only an egress pool refuses a family (`family_fallback = "refuse"`).
+        allowed.retain(|a| sources.to(a) != Source::Refuse);
+        if allowed.is_empty() {
+            return Err(DialError { hop: Hop::Source, kind: DialErrorKind::NoSource, cause: Cause::NoSourceFamily });
+        }
+        self.connect(allowed, sources, lookup_time).await
     }
 
     /// The target's addresses that pass the ACL (post-DNS), never empty, with the lookup's
@@ -292,6 +339,19 @@ impl Dialer {
             return Err(DialError { hop: Hop::Policy, kind, cause });
         }
         Ok(allowed)
+    }
+
+    async fn connect(
+        &self,
+        allowed: Vec<SocketAddr>,
+        sources: Sources,
+        lookup_time: Option<Duration>,
+    ) -> Result<Dialed, DialError> {
+        let started = Instant::now();
+        let (stream, addr) =
+            connect::connect_happy(connect::interleave(allowed), sources, self.connect_timeout).await?;
+        tune(&stream);
+        Ok(Dialed { stream: Stream::Tcp(stream), addr, connect_time: started.elapsed(), lookup_time })
     }
 }
 
@@ -333,6 +393,7 @@ mod tests {
         assert_eq!(e(Hop::Parent, DialErrorKind::Failed), Refusal::ParentFailed);
         assert_eq!(e(Hop::Parent, DialErrorKind::Timeout), Refusal::UpstreamTimeout);
         assert_eq!(e(Hop::Parent, DialErrorKind::Unavailable), Refusal::ParentsDown);
+        assert_eq!(e(Hop::Source, DialErrorKind::NoSource), Refusal::EgressFamily);
     }
 
     #[test]

@@ -159,7 +159,7 @@ impl ClientConn for H2Conn {
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 res = res.header("retry-after", secs.max(1));
             }
-            Refusal::AuthRequired => {
+            Refusal::AuthRequired | Refusal::AuthSessionParam => {
                 res = res.header("proxy-authenticate", format!("Basic realm=\"{}\"", realm.unwrap_or("veilgate")));
             }
             _ => {}

@@ -42,12 +42,14 @@ mod tests {
                 mode: Mode::Tunnel,
                 per_client: None,
                 upstream: None,
+                egress: None,
             },
             RouteConfig {
                 hosts: vec![HostPattern::parse("*.example").unwrap()],
                 mode: Mode::Deny,
                 per_client: None,
                 upstream: None,
+                egress: None,
             },
         ];
         let t = |s: &str| Target::parse(s).unwrap();

@@ -184,7 +184,7 @@ impl Outcome {
     /// policy failure for `socks5://` never reached it).
     fn of(e: &DialError) -> Option<Outcome> {
         match (e.hop, e.kind) {
-            (Hop::Resolve | Hop::Policy, _) | (_, DialErrorKind::Unavailable) => None,
+            (Hop::Resolve | Hop::Policy | Hop::Source, _) | (_, DialErrorKind::Unavailable) => None,
             (_, DialErrorKind::Timeout) => Some(Outcome::Timeout),
             (Hop::Parent, _) => Some(Outcome::ParentFailed),
             (Hop::Origin, _) => Some(Outcome::OriginFailed),
@@ -278,7 +278,7 @@ impl Upstream {
         };
         let mut last = std::io::ErrorKind::NotFound;
         for addr in addrs {
-            match super::connect_one(addr, None).await {
+            match super::connect_one(addr, super::Source::Kernel).await {
                 Ok(s) => {
                     super::tune(&s);
                     return Ok((s, addr));
