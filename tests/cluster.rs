@@ -349,6 +349,34 @@ async fn a_client_bandwidth_holds_across_instances_by_grants() {
     assert!((30.0..=60.0).contains(&grants), "{grants} grants for 2 MiB");
 }
 
+/// Redis' count of `EVALSHA` calls since the last `CONFIG RESETSTAT`.
+fn evalsha_calls(redis: &RedisServer) -> u64 {
+    let stats = redis.command("INFO commandstats");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_client_costs_redis_one_call_per_grant() {
+    let Some(redis) = RedisServer::start("a_saturated_client_costs_redis_one_call_per_grant") else { return };
+    let origin = Origin::source().await;
+    let a = start(&redis, "closed", &origin, "[limits.per_client]\nbandwidth_down = \"512 KiB/s\"").await;
+    redis.command("CONFIG RESETSTAT");
+    let mib = 1u64 << 20;
+    assert_eq!(download(&a, "127.0.0.12", &origin, mib).await, mib);
+    let grants = metric(&a, "veilgate_cluster_bandwidth_grants_total").await as u64;
+    let calls = evalsha_calls(&redis);
+    // About 20 grants of 100 ms for 2 s; the calls are those grants, the tunnel's admission,
+    // and a few asks that met another's spending or a late tick. Asking again before the
+    // bucket could answer yes made it twice the grants.
+    assert!((15..=30).contains(&grants), "{grants} grants for 1 MiB at 512 KiB/s");
+    assert!(calls <= grants + grants / 4 + 3, "{calls} script calls for {grants} grants");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_download_goes_on_at_its_local_share_while_redis_is_down() {
     let Some(mut redis) = RedisServer::start("a_running_download_goes_on_while_redis_is_down") else { return };

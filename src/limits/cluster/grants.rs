@@ -152,9 +152,9 @@ async fn feed(
                 if granted > 0 {
                     bucket.refill(granted);
                     inner.metrics.grants.increment(1);
-                } else {
-                    f.not_before = now + Duration::from_millis(retry_ms);
                 }
+                // Refused: when it will fit. Granted: when the next one will, at the earliest.
+                f.not_before = now + Duration::from_millis(retry_ms);
             }
             Ok(Err(e)) => inner.failed(error_kind(&e), &e),
             Err(_) => inner.failed("timeout", &"no grant within cluster.timeout"),
