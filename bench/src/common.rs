@@ -6,7 +6,7 @@ use serde_json::{Map, Value, json};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub type Json = Map<String, Value>;
@@ -230,7 +230,15 @@ pub async fn open_tunnel_behind(
     if !header.is_empty() {
         s.write_all(header).await?;
     }
+    let rest = connect_answer(&mut s, target).await?;
+    Ok((s, rest))
+}
+
+/// Sends `CONNECT target` on an open stream (TCP, or TLS to the proxy) and reads the answer
+/// head: an error unless it is 2xx; else the bytes that followed it.
+pub async fn connect_answer<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, target: &str) -> io::Result<Vec<u8>> {
     s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await?;
+    s.flush().await?;
     let mut buf = Vec::with_capacity(256);
     let mut tmp = [0u8; 1024];
     loop {
@@ -246,7 +254,7 @@ pub async fn open_tunnel_behind(
                 let line = head.lines().next().unwrap_or("").to_string();
                 return Err(err(format!("CONNECT refused: {line}")));
             }
-            return Ok((s, buf[pos + 4..].to_vec()));
+            return Ok(buf[pos + 4..].to_vec());
         }
         if buf.len() > 16384 {
             return Err(err("CONNECT answer head too large"));

@@ -5,7 +5,9 @@
 //! so the three fronts can be put side by side (`bench/front.sh`).
 
 use crate::common::*;
-use crate::load::{BulkOpts, Dir, IdleOpts, bulk_report, check_byte, echo_byte, run_bulk, run_idle};
+use crate::load::{
+    BulkOpts, Dir, IdleOpts, Rate, bulk_report, check_byte, echo_byte, run_bulk, run_connrate, run_idle,
+};
 use crate::pki;
 use crate::servers::tcp_sink_query;
 use bytes::{Buf, Bytes};
@@ -17,9 +19,8 @@ use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -101,7 +102,7 @@ impl Opener {
             }
             FrontKind::Tls => {
                 let mut tls = self.handshake(proxy).await?;
-                let rest = connect_head(&mut tls, &self.ctx.target).await?;
+                let rest = connect_answer(&mut tls, &self.ctx.target).await?;
                 no_rest(&rest)?;
                 Ok(Box::pin(tls))
             }
@@ -161,32 +162,6 @@ impl Opener {
 
 fn no_rest(rest: &[u8]) -> io::Result<()> {
     if rest.is_empty() { Ok(()) } else { Err(err("unexpected bytes after the CONNECT answer")) }
-}
-
-/// Sends CONNECT on an open stream and reads the answer head; the bytes after it.
-async fn connect_head<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, target: &str) -> io::Result<Vec<u8>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await?;
-    s.flush().await?;
-    let mut buf = Vec::with_capacity(256);
-    let mut tmp = [0u8; 1024];
-    loop {
-        let n = s.read(&mut tmp).await?;
-        if n == 0 {
-            return Err(err("proxy closed before its CONNECT answer"));
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..pos]);
-            if head.split_whitespace().nth(1) != Some("200") {
-                return Err(err(format!("CONNECT refused: {}", head.lines().next().unwrap_or(""))));
-            }
-            return Ok(buf[pos + 4..].to_vec());
-        }
-        if buf.len() > 16384 {
-            return Err(err("CONNECT answer head too large"));
-        }
-    }
 }
 
 /// One HTTP/2 CONNECT stream as a byte stream.
@@ -300,73 +275,19 @@ pub struct FrontConnrateArgs {
 /// connection (sessions resumed, as browsers do); over h2 a new stream on a kept connection.
 pub async fn connrate(a: FrontConnrateArgs) -> io::Result<()> {
     let opener = Arc::new(Opener::new(&a.c, &a.f, alpn(a.f.front))?);
-    let next = Arc::new(AtomicUsize::new(0));
-    let p0 = proc_sample(&a.c.pid);
-    let t0 = Instant::now();
-    let stop_at = t0 + Duration::from_secs(a.max_secs);
-    let mut hs = Vec::new();
-    for _ in 0..a.conns.max(1) {
-        let (opener, next, total) = (opener.clone(), next.clone(), a.total);
-        hs.push(tokio::spawn(async move {
-            let (mut lat, mut errs) = (Vec::new(), Vec::<String>::new());
-            loop {
-                let i = next.fetch_add(1, Relaxed);
-                if i >= total || Instant::now() > stop_at {
-                    break;
-                }
-                let t = Instant::now();
-                let one = async {
-                    let mut s = opener.open().await?;
-                    echo_byte(&mut s, check_byte(i)).await?;
-                    io::Result::Ok(s)
-                };
-                match timeout(opener.op(), one).await {
-                    Ok(Ok(s)) => {
-                        lat.push(t.elapsed().as_secs_f64() * 1e6);
-                        drop(s);
-                    }
-                    Ok(Err(e)) => errs.push(e.to_string()),
-                    Err(_) => errs.push("timeout".into()),
-                }
-            }
-            (lat, errs)
-        }));
-    }
-    let (mut lat, mut errs) = (Vec::new(), Vec::new());
-    for h in hs {
-        let (l, e) = h.await.map_err(|e| err(e.to_string()))?;
-        lat.extend(l);
-        errs.extend(e);
-    }
-    let el = t0.elapsed().as_secs_f64();
-    let p1 = proc_sample(&a.c.pid);
-    sort(&mut lat);
-    let rate = lat.len() as f64 / el;
     let mut m = front_json("front-connrate", &a.c, &a.f);
-    m.insert("conns".into(), json!(a.conns));
-    m.insert("ok".into(), json!(lat.len()));
-    m.insert("errors".into(), json!(errs.len()));
-    m.insert("first_error".into(), json!(errs.first()));
-    m.insert("elapsed_s".into(), json!(r2(el)));
-    m.insert("tunnels_per_s".into(), json!(r2(rate)));
-    for (k, q) in [("p50_us", 0.5), ("p99_us", 0.99)] {
-        m.insert(k.into(), num(percentile(&lat, q).round()));
-    }
-    let mut cpu_txt = String::new();
-    if let Some(cpu) = insert_cpu(&mut m, p0, p1) {
-        let per = cpu / lat.len().max(1) as f64 * 1e6;
-        m.insert("proxy_cpu_us_per_tunnel".into(), json!(per.round()));
-        cpu_txt = format!(", proxy {per:.0} CPU-us/tunnel");
-    }
-    let human = format!(
-        "front-connrate {:?} {}: {rate:.0} tunnels/s, p50 {:.0} us, p99 {:.0} us, {} errors{cpu_txt}",
-        a.f.front,
-        who(&a.c),
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        errs.len()
-    );
-    emit(m, human);
+    let op = opener.op();
+    let rate = Rate { conns: a.conns, total: a.total, max_secs: a.max_secs, op, pids: &a.c.pid };
+    let human = run_connrate(rate, &mut m, move |i| {
+        let opener = opener.clone();
+        async move {
+            let mut s = opener.open().await?;
+            echo_byte(&mut s, check_byte(i)).await?;
+            Ok(s)
+        }
+    })
+    .await?;
+    emit(m, format!("front-connrate {:?} {}: {human}", a.f.front, who(&a.c)));
     Ok(())
 }
 

@@ -364,15 +364,54 @@ async fn one_echo_tunnel_behind(
 
 pub async fn connrate(a: ConnrateArgs) -> io::Result<()> {
     let c = Arc::new(Ctx::new(&a.c)?);
-    let next = Arc::new(AtomicUsize::new(0));
-    let p0 = proc_sample(&a.c.pid);
-    let t0 = Instant::now();
-    let stop_at = t0 + Duration::from_secs(a.max_secs);
-    let mut hs = Vec::new();
     let bind = Arc::new(a.bind.clone());
     let proxy_v2 = a.proxy_v2.then_some(c.proxy).flatten();
-    for _ in 0..a.conns.max(1) {
-        let (c, next, total, bind) = (c.clone(), next.clone(), a.total, bind.clone());
+    let mut m = base_json("connrate", &a.c);
+    m.insert("total".into(), json!(a.total));
+    m.insert("clients".into(), json!(a.bind.len().max(1)));
+    m.insert("proxy_v2".into(), json!(a.proxy_v2));
+    let op = c.op;
+    let rate = Rate { conns: a.conns, total: a.total, max_secs: a.max_secs, op, pids: &a.c.pid };
+    let human = run_connrate(rate, &mut m, move |i| {
+        let (c, bind) = (c.clone(), bind.clone());
+        async move {
+            let from = (!bind.is_empty()).then(|| bind[i % bind.len()]);
+            let header = proxy_v2.map(|p| proxy_v2_header(i, p)).unwrap_or_default();
+            one_echo_tunnel_behind(from, &header, &c, check_byte(i)).await
+        }
+    })
+    .await?;
+    emit(m, format!("connrate {}: {human}", who(&a.c)));
+    Ok(())
+}
+
+/// What [`run_connrate`] runs: workers, tunnels in all, a time bound, each tunnel's bound and
+/// the proxy's PIDs for its CPU.
+pub struct Rate<'a> {
+    pub conns: usize,
+    pub total: usize,
+    pub max_secs: u64,
+    pub op: Duration,
+    pub pids: &'a [u32],
+}
+
+/// The tunnels-per-second engine: `r.conns` workers take tunnel numbers until `r.total` (or
+/// `r.max_secs`), each running `one(i)` (open, one byte echoed) within `r.op` and dropping
+/// what it returns. Fills `m` with the figures; returns the human line's figures.
+pub async fn run_connrate<S, O, F>(r: Rate<'_>, m: &mut Json, one: O) -> io::Result<String>
+where
+    S: Send + 'static,
+    O: Fn(usize) -> F + Send + Sync + 'static,
+    F: Future<Output = io::Result<S>> + Send + 'static,
+{
+    let one = Arc::new(one);
+    let next = Arc::new(AtomicUsize::new(0));
+    let p0 = proc_sample(r.pids);
+    let t0 = Instant::now();
+    let stop_at = t0 + Duration::from_secs(r.max_secs);
+    let mut hs = Vec::new();
+    for _ in 0..r.conns.max(1) {
+        let (one, next, total, op) = (one.clone(), next.clone(), r.total, r.op);
         hs.push(tokio::spawn(async move {
             let (mut lat, mut errs) = (Vec::new(), Vec::<String>::new());
             loop {
@@ -380,10 +419,8 @@ pub async fn connrate(a: ConnrateArgs) -> io::Result<()> {
                 if i >= total || Instant::now() > stop_at {
                     break;
                 }
-                let from = (!bind.is_empty()).then(|| bind[i % bind.len()]);
-                let header = proxy_v2.map(|p| proxy_v2_header(i, p)).unwrap_or_default();
                 let t = Instant::now();
-                match timeout(c.op, one_echo_tunnel_behind(from, &header, &c, check_byte(i))).await {
+                match timeout(op, one(i)).await {
                     Ok(Ok(s)) => {
                         lat.push(t.elapsed().as_secs_f64() * 1e6);
                         drop(s);
@@ -402,14 +439,10 @@ pub async fn connrate(a: ConnrateArgs) -> io::Result<()> {
         errs.extend(e);
     }
     let el = t0.elapsed().as_secs_f64();
-    let p1 = proc_sample(&a.c.pid);
+    let p1 = proc_sample(r.pids);
     sort(&mut lat);
     let rate = lat.len() as f64 / el;
-    let mut m = base_json("connrate", &a.c);
-    m.insert("conns".into(), json!(a.conns));
-    m.insert("total".into(), json!(a.total));
-    m.insert("clients".into(), json!(a.bind.len().max(1)));
-    m.insert("proxy_v2".into(), json!(a.proxy_v2));
+    m.insert("conns".into(), json!(r.conns));
     m.insert("ok".into(), json!(lat.len()));
     m.insert("errors".into(), json!(errs.len()));
     m.insert("first_error".into(), json!(errs.first()));
@@ -420,21 +453,18 @@ pub async fn connrate(a: ConnrateArgs) -> io::Result<()> {
     }
     m.insert("max_us".into(), json!(lat.last().map(|x| x.round())));
     let mut cpu_txt = String::new();
-    if let Some(cpu) = insert_cpu(&mut m, p0, p1) {
+    if let Some(cpu) = insert_cpu(m, p0, p1) {
         let per = (cpu * 1e6 / lat.len().max(1) as f64).round();
         m.insert("proxy_cpu_us_per_tunnel".into(), json!(per));
         cpu_txt = format!(", proxy {per:.0} CPU-us/tunnel");
     }
-    let human = format!(
-        "connrate {}: {rate:.0} tunnels/s, {} ok, {} errors, setup p50 {:.0} us p99 {:.0} us{cpu_txt}",
-        who(&a.c),
+    Ok(format!(
+        "{rate:.0} tunnels/s, {} ok, {} errors, setup p50 {:.0} us p99 {:.0} us{cpu_txt}",
         lat.len(),
         errs.len(),
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
-    );
-    emit(m, human);
-    Ok(())
+    ))
 }
 
 // ---------------------------------------------------------------- latency
