@@ -84,11 +84,12 @@ async fn caps_hold_across_instances_on_a_redis_cluster_and_releases_free_them() 
     let kept: Vec<TcpStream> = held.into_iter().map(|(_, t2)| t2).collect();
     let mut again = Vec::new();
     for client in CLIENTS {
-        let (status, s) =
-            eventually(&format!("{client} admitted once A released"), async || open(&b, client, &origin).await, |r| {
-                r.0 == 200
-            })
-            .await;
+        let (status, s) = eventually(
+            &format!("{client} admitted once A released"),
+            async || open(&b, client, &origin).await,
+            |r| r.0 == 200,
+        )
+        .await;
         assert_eq!(status, 200);
         again.push(s);
         assert_eq!(open(&a, client, &origin).await.0, 429, "{client}: full again");

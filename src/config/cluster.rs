@@ -223,7 +223,8 @@ mod tests {
         assert!(both.contains("not both"), "{both}");
         let bad = err("[cluster]\nredis_cluster_nodes = [\"redis://u:s3cret@127.0.0.1:notaport\"]");
         assert!(bad.contains("cluster.redis_cluster_nodes") && !bad.contains("s3cret"), "{bad}");
-        let c = Config::from_toml("[cluster]\nredis_cluster_nodes = [\"redis://u:s3cret@127.0.0.1:7000\"]", "t").unwrap();
+        let c =
+            Config::from_toml("[cluster]\nredis_cluster_nodes = [\"redis://u:s3cret@127.0.0.1:7000\"]", "t").unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
     }
 
