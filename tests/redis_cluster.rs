@@ -98,6 +98,30 @@ async fn caps_hold_across_instances_on_a_redis_cluster_and_releases_free_them() 
     drop((kept, again));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_flushed_on_every_master_are_loaded_again_where_they_run() {
+    let Some(cluster) = RedisCluster::start("scripts_flushed_on_every_master_are_loaded_again") else { return };
+    let origin = Origin::echo().await;
+    let limits = "[limits]\nmax_tunnels = 100\n[limits.per_client]\nmax_tunnels = 1";
+    let a = start(&cluster, &origin, limits).await;
+    for port in &cluster.ports {
+        assert_eq!(cluster.command(*port, "SCRIPT FLUSH").trim(), "+OK");
+    }
+    // Every admission's EVALSHA now meets NOSCRIPT on the master owning its slot, which must
+    // load the script there and run it: the caps still hold, nothing falls to the fail mode.
+    let mut held = Vec::new();
+    for client in CLIENTS {
+        let (status, s) = open(&a, client, &origin).await;
+        assert_eq!(status, 200, "{client}");
+        held.push(s);
+        assert_eq!(open(&a, client, &origin).await.0, 429, "{client}: the cap, decided by the reloaded script");
+    }
+    assert_eq!(a.metric("veilgate_cluster_decisions_total{result=\"failed\"}").await, 0.0);
+    assert_eq!(a.metric("veilgate_cluster_mode{mode=\"redis\"}").await, 1.0);
+    let per_node = cluster.keys_per_node();
+    assert!(per_node.iter().filter(|n| **n > 0).count() >= 2, "keys on at least two masters: {per_node:?}");
+}
+
 /// Downloads `len` bytes from a `source` origin through `proxy` as client `from`.
 async fn download(proxy: &TestProxy, from: &str, origin: &Origin, len: u64) -> u64 {
     let (status, mut s) = open(proxy, from, origin).await;
