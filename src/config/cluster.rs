@@ -24,6 +24,9 @@ pub struct ClusterConfig {
     pub backend: ClusterBackend,
     /// `redis://[user:password@]host:port[/db]` or `rediss://` (TLS); needed with `redis`.
     pub redis_url: Option<RedisUrl>,
+    /// A Redis Cluster instead of one node: URLs of some of its masters (`redis://` or
+    /// `rediss://`, one scheme for all), the rest found from them. Empty = not a cluster.
+    pub redis_cluster_nodes: Vec<RedisUrl>,
     /// How long a tunnel's lease lives in Redis without a renewal: a killed instance's slots
     /// come back within it. Renewed every third of it.
     pub lease_ttl: HumanDuration,
@@ -113,8 +116,34 @@ impl ClusterConfig {
                 return Err(invalid("cluster.redis_url", format!("{} is not a valid Redis URL", url.redacted())));
             }
         }
-        if self.backend == ClusterBackend::Redis && self.redis_url.is_none() {
-            return Err(invalid("cluster.redis_url", "backend = \"redis\" needs a redis_url".into()));
+        let mut schemes = self.redis_cluster_nodes.iter().map(|u| u.0.split_once("://").map(|(s, _)| s));
+        if let Some(first) = schemes.next() {
+            if !matches!(first, Some("redis" | "rediss")) || schemes.any(|s| s != first) {
+                return Err(invalid(
+                    "cluster.redis_cluster_nodes",
+                    "every node must start with redis://, or every node with rediss://".into(),
+                ));
+            }
+        }
+        for url in &self.redis_cluster_nodes {
+            if redis::IntoConnectionInfo::into_connection_info(url.0.as_str()).is_err() {
+                return Err(invalid(
+                    "cluster.redis_cluster_nodes",
+                    format!("{} is not a valid Redis URL", url.redacted()),
+                ));
+            }
+        }
+        if self.redis_url.is_some() && !self.redis_cluster_nodes.is_empty() {
+            return Err(invalid(
+                "cluster.redis_cluster_nodes",
+                "set redis_url (one Redis) or redis_cluster_nodes (a Redis Cluster), not both".into(),
+            ));
+        }
+        if self.backend == ClusterBackend::Redis && self.redis_url.is_none() && self.redis_cluster_nodes.is_empty() {
+            return Err(invalid(
+                "cluster.redis_url",
+                "backend = \"redis\" needs a redis_url or redis_cluster_nodes".into(),
+            ));
         }
         if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&self.lease_ttl.0) {
             return Err(invalid(
@@ -140,6 +169,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             backend: ClusterBackend::Local,
             redis_url: None,
+            redis_cluster_nodes: Vec::new(),
             lease_ttl: HumanDuration(Duration::from_secs(15)),
             fail_mode: FailMode::Local,
             timeout: HumanDuration(Duration::from_millis(50)),
@@ -168,6 +198,34 @@ mod tests {
         .unwrap();
         assert_eq!(ok.cluster.backend, ClusterBackend::Redis);
         assert_eq!(ok.cluster.fail_mode, FailMode::Closed);
+    }
+
+    #[test]
+    fn cluster_nodes_one_scheme_no_url_beside_them_and_no_password_shown() {
+        let ok = Config::from_toml(
+            "[cluster]\nbackend = \"redis\"\nredis_cluster_nodes = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(ok.cluster.redis_cluster_nodes.len(), 2);
+        assert!(
+            Config::from_toml("[cluster]\nredis_cluster_nodes = [\"rediss://u:pw@10.0.0.1:7000\"]", "t").is_ok(),
+            "rediss:// too"
+        );
+        assert!(
+            err("[cluster]\nredis_cluster_nodes = [\"redis://127.0.0.1:7000\", \"rediss://127.0.0.1:7001\"]")
+                .contains("every node")
+        );
+        assert!(err("[cluster]\nredis_cluster_nodes = [\"http://127.0.0.1:7000\"]").contains("every node"));
+        let both = err(
+            "[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\nredis_cluster_nodes = [\"redis://127.0.0.1:7000\"]",
+        );
+        assert!(both.contains("not both"), "{both}");
+        let bad = err("[cluster]\nredis_cluster_nodes = [\"redis://u:s3cret@127.0.0.1:notaport\"]");
+        assert!(bad.contains("cluster.redis_cluster_nodes") && !bad.contains("s3cret"), "{bad}");
+        let c =
+            Config::from_toml("[cluster]\nredis_cluster_nodes = [\"redis://u:s3cret@127.0.0.1:7000\"]", "t").unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
     }
 
     #[test]

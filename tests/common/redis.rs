@@ -1,10 +1,12 @@
-//! A real `redis-server` on a free loopback port, for the cluster backend's tests. Never a
-//! stand-in: where the binary is missing, [`RedisServer::start`] says so loudly on stderr and
-//! returns `None`, and the test returns early (CI installs the Debian package, so there it
-//! always runs).
+//! A real `redis-server` on a free loopback port, or a real three-master Redis Cluster, for
+//! the cluster backend's tests. Never a stand-in: where a binary is missing,
+//! [`RedisServer::start`] and [`RedisCluster::start`] say so loudly on stderr and return
+//! `None`, and the test returns early (CI installs the Debian package, so there it always
+//! runs).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -98,4 +100,138 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Says loudly that `test` did not run for want of `binary`; `true` when it is installed.
+fn installed(binary: &str, test: &str) -> bool {
+    if Command::new(binary).arg("--version").stdout(Stdio::null()).status().is_ok() {
+        return true;
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {binary} is not installed (apt-get install redis-server); \
+         the cluster backend was NOT tested against a Redis Cluster"
+    );
+    false
+}
+
+/// Three `redis-server --cluster-enabled yes` masters on free loopback ports, joined by
+/// `redis-cli --cluster create` (no replicas), each stopped by its PID when dropped.
+pub struct RedisCluster {
+    /// The masters' ports (each node's bus is on port + 10000).
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl RedisCluster {
+    /// Starts and joins the three masters and waits (bounded) until every one says
+    /// `cluster_state:ok`; `None` (after a loud message naming `test`) without the binaries.
+    pub fn start(test: &str) -> Option<RedisCluster> {
+        if !installed("redis-server", test) || !installed("redis-cli", test) {
+            return None;
+        }
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let dir = std::env::temp_dir().join(format!("vg-rcluster-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cluster = RedisCluster { ports: free_cluster_ports(3, nanos), dir, children: Vec::new() };
+        for port in cluster.ports.clone() {
+            let p = port.to_string();
+            let child = Command::new("redis-server")
+                .args(["--port", &p, "--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+                .arg("--cluster-config-file")
+                .arg(cluster.dir.join(format!("nodes-{port}.conf")))
+                .arg("--dir")
+                .arg(&cluster.dir)
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("redis-server starts");
+            cluster.children.push(child);
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            eventually_blocking("a cluster node answers PING", || ping(addr), |ok| *ok);
+        }
+        let nodes: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .expect("redis-cli runs");
+        assert!(created.success(), "redis-cli --cluster create {nodes:?}: {created}");
+        for port in cluster.ports.clone() {
+            eventually_blocking(
+                "cluster_state:ok",
+                || cluster.command(port, "CLUSTER INFO").contains("cluster_state:ok"),
+                |ok| *ok,
+            );
+        }
+        Some(cluster)
+    }
+
+    /// The `[cluster] redis_cluster_nodes` list, as TOML.
+    pub fn nodes_toml(&self) -> String {
+        let urls: Vec<String> = self.ports.iter().map(|p| format!("\"redis://127.0.0.1:{p}\"")).collect();
+        format!("[{}]", urls.join(", "))
+    }
+
+    /// Sends one inline command to the node on `port` and returns the raw reply.
+    pub fn command(&self, port: u16, line: &str) -> String {
+        command(SocketAddr::from(([127, 0, 0, 1], port)), line)
+    }
+
+    /// Sends a command on one key to the node that owns the key's slot (the others answer
+    /// `-MOVED`), and returns its reply.
+    pub fn command_on_owner(&self, line: &str) -> String {
+        let replies: Vec<String> = self.ports.iter().map(|p| self.command(*p, line)).collect();
+        replies.iter().find(|r| !r.starts_with("-MOVED")).cloned().unwrap_or_else(|| panic!("{line}: {replies:?}"))
+    }
+
+    /// Keys on each master (`DBSIZE`).
+    pub fn keys_per_node(&self) -> Vec<u64> {
+        self.ports
+            .iter()
+            .map(|p| self.command(*p, "DBSIZE").trim().trim_start_matches(':').parse().unwrap_or(0))
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `n` ports of 127.0.0.1 free now, each with its cluster bus port (+10000) free too: tried
+/// in 20000..30000 from a start that differs between test processes, a bounded number of times.
+fn free_cluster_ports(n: usize, seed: u32) -> Vec<u16> {
+    let mut ports = Vec::new();
+    let mut candidate = 20000 + (seed % 10000) as u16;
+    for _ in 0..2000 {
+        candidate = 20000 + (candidate - 20000 + 7) % 10000;
+        let both = (TcpListener::bind(("127.0.0.1", candidate)), TcpListener::bind(("127.0.0.1", candidate + 10000)));
+        if let (Ok(_), Ok(_)) = both {
+            ports.push(candidate);
+            if ports.len() == n {
+                return ports;
+            }
+        }
+    }
+    panic!("no {n} free port pairs for a Redis Cluster on 127.0.0.1");
+}
+
+fn command(addr: SocketAddr, line: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).expect("redis answers");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(format!("{line}\r\n").as_bytes()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).to_string()
 }

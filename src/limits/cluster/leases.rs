@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::conn::Batch;
 use super::{BACK_OFF, Inner, LeaseKeys, chore_deadline, error_kind, keys, scripts};
 
 /// What the admission path tells the task.
@@ -102,26 +103,25 @@ fn take(batch: &mut Vec<Msg>, live: &mut HashMap<u64, LeaseKeys>, gone: &mut Vec
     }
 }
 
-/// Removes released leases from every set they are in, in one pipeline; kept for a retry if
-/// Redis does not answer.
+/// Removes released leases from every set they are in, in one pipeline (one per slot on a
+/// Redis Cluster); kept for a retry if Redis does not answer.
 async fn remove(inner: &Inner, gone: &mut Vec<LeaseKeys>) {
     if gone.is_empty() {
         return;
     }
-    let mut p = redis::pipe();
+    let mut b = Batch::new(&inner.conn);
     for k in gone.iter() {
         if let Some(c) = &k.client {
-            p.zrem(&c.conn, &k.id).ignore();
+            b.on(&c.conn).zrem(&c.conn, &k.id).ignore();
             if let Some(r) = &c.route {
-                p.zrem(r, &k.id).ignore();
+                b.on(r).zrem(r, &k.id).ignore();
             }
         }
         if k.global {
-            p.zrem(keys::GLOBAL_CONN, &k.id).ignore();
+            b.on(keys::GLOBAL_CONN).zrem(keys::GLOBAL_CONN, &k.id).ignore();
         }
     }
-    let mut conn = inner.conn.clone();
-    match tokio::time::timeout(chore_deadline(&inner.config), p.query_async::<()>(&mut conn)).await {
+    match tokio::time::timeout(chore_deadline(&inner.config), b.exec(&inner.conn)).await {
         Ok(Ok(())) => gone.clear(),
         Ok(Err(e)) => inner.metrics.error(error_kind(&e)),
         Err(_) => inner.metrics.error("timeout"),
@@ -145,24 +145,31 @@ async fn renew(inner: &Inner, live: &HashMap<u64, LeaseKeys>) -> bool {
         let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
         let now = secs * 1000 + micros / 1000;
         let expiry = now + ttl_ms;
-        let mut p = redis::pipe();
-        p.zadd(keys::INSTANCES, &inner.instance, expiry)
+        // One pipeline on a single node; on a cluster one per slot, the heartbeat's answering
+        // the instance count.
+        let mut b = Batch::new(&inner.conn);
+        b.on(keys::INSTANCES)
+            .zadd(keys::INSTANCES, &inner.instance, expiry)
             .ignore()
             .zrembyscore(keys::INSTANCES, "-inf", now)
             .ignore()
             .zcard(keys::INSTANCES);
         for k in live.values() {
             if let Some(c) = &k.client {
-                p.zadd(&c.conn, &k.id, expiry).ignore().pexpire(&c.conn, 2 * ttl_ms).ignore();
+                b.on(&c.conn).zadd(&c.conn, &k.id, expiry).ignore().pexpire(&c.conn, 2 * ttl_ms).ignore();
                 if let Some(r) = &c.route {
-                    p.zadd(r, &k.id, expiry).ignore().pexpire(r, 2 * ttl_ms).ignore();
+                    b.on(r).zadd(r, &k.id, expiry).ignore().pexpire(r, 2 * ttl_ms).ignore();
                 }
             }
             if k.global {
-                p.zadd(keys::GLOBAL_CONN, &k.id, expiry).ignore().pexpire(keys::GLOBAL_CONN, 2 * ttl_ms).ignore();
+                b.on(keys::GLOBAL_CONN)
+                    .zadd(keys::GLOBAL_CONN, &k.id, expiry)
+                    .ignore()
+                    .pexpire(keys::GLOBAL_CONN, 2 * ttl_ms)
+                    .ignore();
             }
         }
-        let (instances,): (u32,) = p.query_async(&mut conn).await?;
+        let (instances,): (u32,) = b.query(&inner.conn, keys::INSTANCES).await?;
         Ok::<u32, redis::RedisError>(instances)
     };
     let deadline: Duration = chore_deadline(&inner.config);

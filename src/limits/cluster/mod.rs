@@ -22,9 +22,11 @@
 //! (those admitted by the fail mode too) and only then lets admissions ask Redis again.
 //! Running tunnels are never cut.
 //!
-//! The client talks to one Redis node (a `ConnectionManager`); the keys and scripts are
-//! ready for a Redis Cluster (every script touches one slot), the client is not yet.
+//! Redis is one node (`cluster.redis_url`) or a Redis Cluster (`cluster.redis_cluster_nodes`):
+//! every script touches one slot, and the batches of the background task are split by slot
+//! on a cluster ([`conn`]).
 
+mod conn;
 mod grants;
 mod keys;
 mod leases;
@@ -38,6 +40,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use conn::{Conn, LazyCluster};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -77,7 +81,7 @@ impl Drop for Held {
 
 /// What the admission path and the background task share.
 pub(super) struct Inner {
-    conn: ConnectionManager,
+    conn: Conn,
     config: ClusterConfig,
     instance: String,
     seq: AtomicU64,
@@ -117,19 +121,24 @@ impl Cluster {
         config: &ClusterConfig,
         metrics: ClusterMetrics,
     ) -> Result<Cluster, redis::RedisError> {
-        let url = config.redis_url.as_ref().map_or("", |u| u.0.as_str());
-        let client = redis::Client::open(url)?;
         // Decisions are bounded by `timeout` around each call; the connection's own deadline
         // is the background chores', which send larger pipelines.
         let chore = chore_deadline(config);
-        let conn = ConnectionManager::new_lazy_with_config(
-            client,
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(chore))
-                .set_response_timeout(Some(chore))
-                .set_number_of_retries(1)
-                .set_max_delay(BACK_OFF),
-        )?;
+        let conn = if config.redis_cluster_nodes.is_empty() {
+            let url = config.redis_url.as_ref().map_or("", |u| u.0.as_str());
+            let client = redis::Client::open(url)?;
+            Conn::Single(ConnectionManager::new_lazy_with_config(
+                client,
+                ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(chore))
+                    .set_response_timeout(Some(chore))
+                    .set_number_of_retries(1)
+                    .set_max_delay(BACK_OFF),
+            )?)
+        } else {
+            let nodes: Vec<&str> = config.redis_cluster_nodes.iter().map(|u| u.0.as_str()).collect();
+            Conn::Cluster(Arc::new(LazyCluster::new(conn::cluster_client(&nodes, chore)?)))
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             conn,
@@ -145,6 +154,7 @@ impl Cluster {
         inner.metrics.mode(config.fail_mode.as_str());
         info!(
             redis = %config.redis_url.as_ref().map(|u| u.redacted()).unwrap_or_default(),
+            redis_cluster_nodes = ?config.redis_cluster_nodes,
             instance = %inner.instance,
             fail_mode = config.fail_mode.as_str(),
             "cluster backend starting; the fail mode answers until Redis does"
