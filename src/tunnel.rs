@@ -207,11 +207,13 @@ pub(crate) async fn refuse_with<C: ClientConn>(
     detail: &crate::detail::Detail,
 ) {
     let shared = ctx.shared();
-    conn.refuse(&refusal, shared.auth.as_ref().map(|a| a.realm())).await;
+    // Counted before the answer is written, so whoever has read the answer finds it counted
+    // (a scrape right after a refusal, the tests).
     ctx.metrics.refused(&refusal);
     if shared.config.admin.inspect {
         ctx.inspect.refused(shared.client_key(client.addr.ip()));
     }
+    conn.refuse(&refusal, shared.auth.as_ref().map(|a| a.realm())).await;
     if !ctx.refusal_log.allow(refusal.reason()) {
         return;
     }

@@ -34,6 +34,11 @@ fn tools() -> Result<PathBuf, String> {
     Ok(chromium)
 }
 
+/// [`tools`], or None after saying loudly that `test` is skipped and why.
+fn tools_for(test: &str) -> Option<PathBuf> {
+    tools().map_err(|why| eprintln!("\n*** SKIPPED {test}: {why} ***\n")).ok()
+}
+
 /// A home directory whose NSS database trusts `ca_pem` for servers: Chromium on Linux reads
 /// `$HOME/.pki/nssdb`, so the test CA is trusted by this browser run and nothing else.
 fn home_trusting(dir: &Path, ca_pem: &str) -> PathBuf {
@@ -138,12 +143,8 @@ async fn setup() -> Setup {
 
 #[tokio::test]
 async fn chromium_loads_a_page_through_the_pac_file_over_http2_to_the_proxy() {
-    let chromium = match tools() {
-        Ok(c) => c,
-        Err(why) => {
-            eprintln!("\n*** SKIPPED chromium_loads_a_page_through_the_pac_file_over_http2_to_the_proxy: {why} ***\n");
-            return;
-        }
+    let Some(chromium) = tools_for("chromium_loads_a_page_through_the_pac_file_over_http2_to_the_proxy") else {
+        return;
     };
     let s = setup().await;
     let (status, pac) = s.proxy.admin_get("/proxy.pac").await;
@@ -174,13 +175,7 @@ async fn chromium_loads_a_page_through_the_pac_file_over_http2_to_the_proxy() {
 
 #[tokio::test]
 async fn chromium_loads_a_page_through_the_https_proxy_over_http1() {
-    let chromium = match tools() {
-        Ok(c) => c,
-        Err(why) => {
-            eprintln!("\n*** SKIPPED chromium_loads_a_page_through_the_https_proxy_over_http1: {why} ***\n");
-            return;
-        }
-    };
+    let Some(chromium) = tools_for("chromium_loads_a_page_through_the_https_proxy_over_http1") else { return };
     let s = setup().await;
     let proxy = format!("--proxy-server=https://127.0.0.1:{}", s.proxy.tls[0].port());
     let url = format!("https://{ORIGIN_NAME}:{}/", s.origin.addr.port());

@@ -377,6 +377,44 @@ impl Drop for Haproxy {
     }
 }
 
+/// HAProxy in `mode tcp` on a free loopback port in front of `backend`, with `send-proxy-v2`
+/// and health checks that carry a header (LOCAL, every 200 ms), its stats socket in `dir`;
+/// up when its frontend accepts (bounded). Its frontend address and the process.
+async fn haproxy_in_front_of(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    backend: SocketAddr,
+) -> (SocketAddr, Haproxy) {
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 200\n  stats socket {}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend fe\n  bind {front}\n  default_backend vg\n\
+             backend vg\n  server vg {backend} send-proxy-v2 check check-send-proxy inter 200ms\n",
+            dir.join("haproxy.sock").display(),
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(bin)
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy starts");
+    let haproxy = Haproxy(child);
+    bounded(async {
+        while TcpStream::connect(front).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    (front, haproxy)
+}
+
 #[tokio::test]
 async fn behind_a_real_haproxy_with_send_proxy_v2() {
     let Some(bin) = haproxy_binary() else {
@@ -389,37 +427,8 @@ async fn behind_a_real_haproxy_with_send_proxy_v2() {
     let origin = Origin::echo().await;
     let proxy =
         TestProxy::start(&config("127.0.0.1/32", "[limits.per_client]\nmax_tunnels = 1", &[origin.port()])).await;
-    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("haproxy.cfg");
-    // The health check goes to the proxy port with the header (check-send-proxy): a LOCAL one.
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  maxconn 200\n  stats socket {}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-             frontend fe\n  bind {front}\n  default_backend vg\n\
-             backend vg\n  server vg {} send-proxy-v2 check check-send-proxy inter 200ms\n",
-            dir.path().join("haproxy.sock").display(),
-            proxy.addr
-        ),
-    )
-    .unwrap();
-    let child = std::process::Command::new(&bin)
-        .arg("-db")
-        .arg("-f")
-        .arg(&cfg)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("haproxy starts");
-    let _haproxy = Haproxy(child);
-    // Up when it accepts on its frontend (bounded).
-    bounded(async {
-        while TcpStream::connect(front).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let (front, _haproxy) = haproxy_in_front_of(&bin, dir.path(), proxy.addr).await;
 
     let (a, mut sa) = connect_from(front, Some(ip("127.0.0.5")), &origin.addr.to_string()).await;
     assert_eq!(a.status, 200, "{}", a.text);
@@ -523,34 +532,8 @@ async fn the_tls_listener_behind_a_real_haproxy_keys_limits_by_the_carried_sourc
     text = text
         .replace("[server]\n", "[server]\nproxy_protocol = \"required\"\nproxy_protocol_from = [\"127.0.0.1/32\"]\n");
     let proxy = TestProxy::start(&text).await;
-    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let cfg = dir.path().join("haproxy.cfg");
     // TLS passes through HAProxy untouched (mode tcp); the header goes first.
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-             frontend fe\n  bind {front}\n  default_backend vg\n\
-             backend vg\n  server vg {} send-proxy-v2 check check-send-proxy inter 200ms\n",
-            proxy.tls[0]
-        ),
-    )
-    .unwrap();
-    let child = std::process::Command::new(&bin)
-        .arg("-db")
-        .arg("-f")
-        .arg(&cfg)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("haproxy starts");
-    let _haproxy = Haproxy(child);
-    bounded(async {
-        while TcpStream::connect(front).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let (front, _haproxy) = haproxy_in_front_of(&bin, dir.path(), proxy.tls[0]).await;
     let tls =
         Front::Tls { config: pki.client_config(), name: rustls::pki_types::ServerName::try_from("localhost").unwrap() };
     let target = origin.addr.to_string();

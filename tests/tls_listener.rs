@@ -170,16 +170,22 @@ async fn curl_speaks_to_the_https_proxy() {
     let proxy = TestProxy::start(&pki.listener_config(dir.path(), origin.port(), "")).await;
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10", "--proxytunnel", "--proxy-cacert"])
-        .arg(&ca)
-        .arg("--proxy")
-        .arg(format!("https://localhost:{}", proxy.tls[0].port()))
-        .arg(format!("http://127.0.0.1:{}/", origin.port()))
-        .output();
-    let out = bounded(out).await.unwrap();
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "through TLS\n");
+    // `extra` curl flags; curl's answer body.
+    let curl = async |extra: &[&str]| {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--proxytunnel"])
+            .args(extra)
+            .arg("--proxy-cacert")
+            .arg(&ca)
+            .arg("--proxy")
+            .arg(format!("https://localhost:{}", proxy.tls[0].port()))
+            .arg(format!("http://127.0.0.1:{}/", origin.port()))
+            .output();
+        let out = bounded(out).await.unwrap();
+        assert!(out.status.success(), "curl {extra:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(curl(&[]).await, "through TLS\n");
     assert_eq!(proxy.metric("veilgate_tls_sessions_total{protocol=\"http/1.1\"}").await, 1.0);
     // HTTP/2 to the proxy: curl 8.1 and later.
     let help = std::process::Command::new("curl").args(["--help", "all"]).output().unwrap();
@@ -189,16 +195,7 @@ async fn curl_speaks_to_the_https_proxy() {
         );
         return;
     }
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10", "--proxytunnel", "--proxy-http2", "--proxy-cacert"])
-        .arg(&ca)
-        .arg("--proxy")
-        .arg(format!("https://localhost:{}", proxy.tls[0].port()))
-        .arg(format!("http://127.0.0.1:{}/", origin.port()))
-        .output();
-    let out = bounded(out).await.unwrap();
-    assert!(out.status.success(), "curl --proxy-http2 failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "through TLS\n");
+    assert_eq!(curl(&["--proxy-http2"]).await, "through TLS\n");
     assert_eq!(proxy.metric("veilgate_tls_sessions_total{protocol=\"h2\"}").await, 1.0);
 }
 
