@@ -304,23 +304,6 @@ async fn a_killed_instance_gives_its_slots_back_within_the_lease_ttl() {
     drop(held);
 }
 
-/// Downloads `len` bytes from a `source` origin through `proxy` as client `from`.
-async fn download(proxy: &TestProxy, from: &str, origin: &Origin, len: u64) -> u64 {
-    let (status, mut s) = open(proxy, from, origin).await;
-    assert_eq!(status, 200);
-    s.write_all(&len.to_be_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut got = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got < len && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-            Ok(Ok(n)) => got += n as u64,
-        }
-    }
-    got
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_bandwidth_holds_across_instances_by_grants() {
     let Some(redis) = RedisServer::start("a_client_bandwidth_holds_across_instances") else { return };

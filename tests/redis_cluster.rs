@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::RedisCluster;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 fn ip(s: &str) -> IpAddr {
@@ -120,23 +120,6 @@ async fn scripts_flushed_on_every_master_are_loaded_again_where_they_run() {
     assert_eq!(a.metric("veilgate_cluster_mode{mode=\"redis\"}").await, 1.0);
     let per_node = cluster.keys_per_node();
     assert!(per_node.iter().filter(|n| **n > 0).count() >= 2, "keys on at least two masters: {per_node:?}");
-}
-
-/// Downloads `len` bytes from a `source` origin through `proxy` as client `from`.
-async fn download(proxy: &TestProxy, from: &str, origin: &Origin, len: u64) -> u64 {
-    let (status, mut s) = open(proxy, from, origin).await;
-    assert_eq!(status, 200);
-    s.write_all(&len.to_be_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut got = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got < len && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-            Ok(Ok(n)) => got += n as u64,
-        }
-    }
-    got
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,10 +3,8 @@
 
 mod common;
 
-use common::child::{Veilgate, exchange, free_port, series};
+use common::child::{Veilgate, exchange, series};
 use common::eventually_blocking;
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 /// Refusals in the flood, and the binary's budget of lines per reason and second
@@ -31,23 +29,8 @@ fn tally(log: &[String], reason: &str) -> (usize, Vec<u64>) {
 
 #[test]
 fn a_flood_of_refusals_is_a_few_log_lines_and_an_exact_summary() {
-    let (proxy, admin) = (free_port(), free_port());
-    let proxy: SocketAddr = format!("127.0.0.1:{proxy}").parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_veilgate"))
-        .args(["run", "--listen", &proxy.to_string(), "--admin-listen", &admin.to_string()])
-        .env("VEILGATE_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut vg = Veilgate(child);
+    let (mut vg, proxy, admin) = Veilgate::run_logged(None);
     let (log, reader) = vg.gather_log();
-    eventually_blocking(
-        "health",
-        || exchange(admin, b"GET /healthz HTTP/1.1\r\n\r\n"),
-        |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
-    );
 
     // 2,000 requests that are not CONNECT, 16 at a time (under the head-phase bound per client).
     let started = Instant::now();

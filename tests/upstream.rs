@@ -460,8 +460,7 @@ async fn a_reload_stops_the_old_health_checks() {
 
 #[test]
 fn refused_parent_credentials_are_one_log_line_that_says_so_and_never_the_password() {
-    use common::child::{Veilgate, exchange, free_port};
-    use std::process::{Command, Stdio};
+    use common::child::{Veilgate, exchange};
     let Some(ms) = Microsocks::start("refused_parent_credentials_log", None, Some(("alice", "right-pass-1"))) else {
         return;
     };
@@ -479,18 +478,7 @@ fn refused_parent_credentials_are_one_log_line_that_says_so_and_never_the_passwo
         ),
     )
     .unwrap();
-    let (proxy, admin) = (free_port(), free_port());
-    let proxy: SocketAddr = format!("127.0.0.1:{proxy}").parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_veilgate"))
-        .args(["run", "-c", &file.display().to_string(), "--listen", &proxy.to_string()])
-        .args(["--admin-listen", &admin.to_string()])
-        .env("VEILGATE_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut vg = Veilgate(child);
+    let (mut vg, proxy, _admin) = Veilgate::run_logged(Some(&file));
     let (log, reader) = vg.gather_log();
     let lines = || log.lock().unwrap().clone();
     let down = eventually_blocking(

@@ -5,8 +5,6 @@ mod common;
 
 use common::child::{Veilgate, exchange, free_port};
 use common::eventually_blocking;
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 
 #[test]
 fn a_502_says_the_cause_and_a_405_says_method_and_host_without_the_query() {
@@ -15,25 +13,8 @@ fn a_502_says_the_cause_and_a_405_says_method_and_host_without_the_query() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("veilgate.toml");
     std::fs::write(&file, format!("[policy]\ndeny_private = false\nallowed_ports = [{closed}]\n")).unwrap();
-    let (proxy, admin) = (free_port(), free_port());
-    let proxy: SocketAddr = format!("127.0.0.1:{proxy}").parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_veilgate"))
-        .args(["run", "--config"])
-        .arg(&file)
-        .args(["--listen", &proxy.to_string(), "--admin-listen", &admin.to_string()])
-        .env("VEILGATE_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut vg = Veilgate(child);
+    let (mut vg, proxy, _admin) = Veilgate::run_logged(Some(&file));
     let (log, reader) = vg.gather_log();
-    eventually_blocking(
-        "health",
-        || exchange(admin, b"GET /healthz HTTP/1.1\r\n\r\n"),
-        |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
-    );
 
     let reply = exchange(proxy, format!("CONNECT 127.0.0.1:{closed} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
     assert!(reply.starts_with("HTTP/1.1 502 "), "{reply}");

@@ -22,6 +22,33 @@ impl Drop for Veilgate {
 pub type LogLines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 impl Veilgate {
+    /// `veilgate run` with `config` (none: the embedded defaults) on free loopback proxy and
+    /// admin ports, logging at `info` to a piped stdout (see [`Veilgate::gather_log`]), healthy
+    /// (its `/healthz` answers 200) when this returns: the child, its proxy and admin addresses.
+    pub fn run_logged(config: Option<&std::path::Path>) -> (Veilgate, std::net::SocketAddr, std::net::SocketAddr) {
+        let proxy: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_veilgate"));
+        cmd.arg("run");
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd
+            .args(["--listen", &proxy.to_string(), "--admin-listen", &admin.to_string()])
+            .env("VEILGATE_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let vg = Veilgate(child);
+        super::eventually_blocking(
+            "health",
+            || exchange(admin, b"GET /healthz HTTP/1.1\r\n\r\n"),
+            |r| r.as_ref().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+        );
+        (vg, proxy, admin)
+    }
+
     /// Takes the child's piped stdout and gathers its lines on a thread; join the handle
     /// after the child has exited to have every line.
     pub fn gather_log(&mut self) -> (LogLines, std::thread::JoinHandle<()>) {

@@ -223,3 +223,22 @@ pub async fn still_serves(proxy: &TestProxy, origin: &Origin) {
     bounded(s.read_exact(&mut b)).await.unwrap();
     assert_eq!(&b, b"alive");
 }
+
+/// Downloads `len` bytes from an [`Origin::source`] through `proxy`, as the client at `from`:
+/// the bytes that arrived (fewer when the tunnel ended or stalled 5 s; at most 20 s in all).
+pub async fn download(proxy: &TestProxy, from: &str, origin: &Origin, len: u64) -> u64 {
+    let from: std::net::IpAddr = from.parse().unwrap();
+    let (head, mut s) = connect_from(proxy.addr, Some(from), &origin.addr.to_string()).await;
+    assert_eq!(head.status, 200);
+    s.write_all(&len.to_be_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while got < len && std::time::Instant::now() < deadline {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got += n as u64,
+        }
+    }
+    got
+}
