@@ -138,6 +138,21 @@ allowed_ports = [$ORIGIN]
 # Should a lookup happen anyway, it goes to a closed loopback port, never off the machine.
 servers = ["127.0.0.1:9"]
 timeout = "1s"
+
+# An egress pool every tunnel leaves from, and a parent no route uses (its health check
+# finds nobody on the discard port, so it shows down): the dashboard's egress and parent
+# panels have their series.
+[egress]
+default_pool = "ci"
+
+[[egress.pools]]
+name = "ci"
+addresses = ["127.0.0.1"]
+
+[[upstreams]]
+name = "ci-parent"
+url = "socks5h://127.0.0.1:9"
+health_check = "1h"
 EOF
 VEILGATE_LOG=${VEILGATE_LOG:-info} "$VEILGATE_BIN" run --config "$TMP/veilgate.toml" \
     --listen "$PROXY" --admin-listen "$ADMIN" >"$TMP/veilgate.log" 2>&1 &
