@@ -311,25 +311,7 @@ async fn a_client_bandwidth_holds_across_instances_by_grants() {
     let limits = "[limits.per_client]\nbandwidth_down = \"512 KiB/s\"";
     let a = start(&redis, "closed", &origin, limits).await;
     let b = start(&redis, "closed", &origin, limits).await;
-    // 1 MiB through each instance at once: 2 MiB at 512 KiB/s for the whole fleet is 4 s
-    // (each instance alone would allow 512 KiB/s, so 2 s). The bound allows one grant of
-    // burst and two grants per instance: 5 x 51 KiB.
-    let mib = 1u64 << 20;
-    let started = Instant::now();
-    let (got_a, got_b) =
-        tokio::join!(download(&a, "127.0.0.10", &origin, mib), download(&b, "127.0.0.10", &origin, mib));
-    let took = started.elapsed();
-    assert_eq!((got_a, got_b), (mib, mib));
-    let floor = Duration::from_secs_f64((2.0 * mib as f64 - 5.0 * 52_000.0) / (512.0 * 1024.0));
-    assert!(took >= floor, "2 MiB in {took:?}: faster than the fleet rate allows ({floor:?})");
-    assert!(took <= Duration::from_secs(7), "2 MiB in {took:?}: far slower than the fleet rate");
-    // Cost: a grant is 100 ms of the client's rate (52 KiB here), so the 2 MiB took about 40
-    // grants in all, whoever took them; a few more when a grant waited at half.
-    let mut grants = 0.0;
-    for p in [&a, &b] {
-        grants += metric(p, "veilgate_cluster_bandwidth_grants_total").await;
-    }
-    assert!((30.0..=60.0).contains(&grants), "{grants} grants for 2 MiB");
+    assert_the_fleet_holds_the_client_rate(&a, &b, &origin).await;
 }
 
 /// Redis' count of `EVALSHA` calls since the last `CONFIG RESETSTAT`.

@@ -242,3 +242,22 @@ pub async fn download(proxy: &TestProxy, from: &str, origin: &Origin, len: u64) 
     }
     got
 }
+
+/// One client (127.0.0.10) downloads 1 MiB through each of two instances `a` and `b` at once,
+/// from an [`Origin::source`], under `bandwidth_down = "512 KiB/s"` per client shared by the
+/// fleet (bandwidth grants): 2 MiB at 512 KiB/s is 4 s (2 s if each instance had its own
+/// budget). The bound allows one grant of burst and two grants per instance (5 x 51 KiB); a
+/// grant is 100 ms of the rate, so about 40 grants in all, whoever took them.
+pub async fn assert_the_fleet_holds_the_client_rate(a: &TestProxy, b: &TestProxy, origin: &Origin) {
+    let mib = 1u64 << 20;
+    let started = std::time::Instant::now();
+    let (got_a, got_b) = tokio::join!(download(a, "127.0.0.10", origin, mib), download(b, "127.0.0.10", origin, mib));
+    let took = started.elapsed();
+    assert_eq!((got_a, got_b), (mib, mib));
+    let floor = std::time::Duration::from_secs_f64((2.0 * mib as f64 - 5.0 * 52_000.0) / (512.0 * 1024.0));
+    assert!(took >= floor, "2 MiB in {took:?}: faster than the fleet rate allows ({floor:?})");
+    assert!(took <= std::time::Duration::from_secs(7), "2 MiB in {took:?}: far slower than the fleet rate");
+    let grants = a.metric("veilgate_cluster_bandwidth_grants_total").await
+        + b.metric("veilgate_cluster_bandwidth_grants_total").await;
+    assert!((30.0..=60.0).contains(&grants), "{grants} grants for 2 MiB");
+}
