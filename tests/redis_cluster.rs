@@ -61,7 +61,9 @@ async fn caps_hold_across_instances_on_a_redis_cluster_and_releases_free_them() 
         let z = cluster.command_on_owner(&format!("ZCARD vg:{{v4:{client}}}:conn"));
         assert_eq!(z.trim(), ":2", "{client}");
     }
-    assert_eq!(cluster.command_on_owner("ZCARD vg:{global}:conn").trim(), ":12");
+    // A refused tunnel gives its global lease back in the next release batch: wait for it.
+    let global = async || cluster.command_on_owner("ZCARD vg:{global}:conn").trim().to_string();
+    eventually("the global set holds the 12 tunnels", global, |z| z == ":12").await;
     assert_eq!(a.metric("veilgate_cluster_errors_total{kind=\"response\"}").await, 0.0);
 
     // Renewals: one batch over every client's slot and the heartbeat's, each lease renewed
@@ -72,7 +74,7 @@ async fn caps_hold_across_instances_on_a_redis_cluster_and_releases_free_them() 
     for client in CLIENTS {
         assert_eq!(open(&b, client, &origin).await.0, 429, "{client}: leases renewed past their ttl");
     }
-    assert_eq!(cluster.command_on_owner("ZCARD vg:{global}:conn").trim(), ":12");
+    eventually("the global set holds the 12 tunnels", global, |z| z == ":12").await;
     assert_eq!(a.metric("veilgate_cluster_mode{mode=\"redis\"}").await, 1.0, "no renewal failed");
     assert_eq!(b.metric("veilgate_cluster_mode{mode=\"redis\"}").await, 1.0, "no renewal failed");
 
@@ -94,7 +96,7 @@ async fn caps_hold_across_instances_on_a_redis_cluster_and_releases_free_them() 
         again.push(s);
         assert_eq!(open(&a, client, &origin).await.0, 429, "{client}: full again");
     }
-    assert_eq!(cluster.command_on_owner("ZCARD vg:{global}:conn").trim(), ":12");
+    eventually("the global set holds the 12 tunnels", global, |z| z == ":12").await;
     drop((kept, again));
 }
 
