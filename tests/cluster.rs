@@ -325,6 +325,49 @@ fn evalsha_calls(redis: &RedisServer) -> u64 {
         .unwrap_or(0)
 }
 
+/// Redis' count of calls of `command` (lower case) since the last `CONFIG RESETSTAT`.
+fn calls(redis: &RedisServer, command: &str) -> u64 {
+    let stats = redis.command("INFO commandstats");
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_pass_costs_two_commands_per_set_not_per_lease() {
+    let Some(redis) = RedisServer::start("a_renewal_pass_costs_two_commands_per_set") else { return };
+    let origin = Origin::echo().await;
+    let a =
+        start(&redis, "closed", &origin, "[limits]\nmax_tunnels = 100\n[limits.per_client]\nmax_tunnels = 10").await;
+    // Three clients with four tunnels each: twelve leases in four sets (three clients' and
+    // the global one).
+    let mut held = Vec::new();
+    for client in ["127.0.0.20", "127.0.0.21", "127.0.0.22"] {
+        for _ in 0..4 {
+            let (status, s) = open(&a, client, &origin).await;
+            assert_eq!(status, 200);
+            held.push(s);
+        }
+    }
+    let renewals = async || a.metric("veilgate_cluster_lease_renewals_total").await;
+    let before = eventually("a first renewal of the twelve", renewals, |n| *n >= 12.0).await;
+    redis.command("CONFIG RESETSTAT");
+    let from = renewals().await;
+    eventually("two more renewal passes", renewals, |n| *n >= from + 24.0).await;
+    let (pexpire, zadd) = (calls(&redis, "pexpire"), calls(&redis, "zadd"));
+    let passes = ((renewals().await - from) / 12.0).ceil() as u64 + 1;
+    assert!(before >= 12.0);
+    // Per pass: one PEXPIRE per set (4), one ZADD per set and the heartbeat's (5). Per lease,
+    // it was 24 and 25.
+    assert!((8..=4 * passes).contains(&pexpire), "{pexpire} PEXPIRE in about {passes} passes");
+    assert!((10..=5 * passes).contains(&zadd), "{zadd} ZADD in about {passes} passes");
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_client_costs_redis_one_call_per_grant() {
     let Some(redis) = RedisServer::start("a_saturated_client_costs_redis_one_call_per_grant") else { return };

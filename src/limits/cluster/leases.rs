@@ -128,6 +128,23 @@ async fn remove(inner: &Inner, gone: &mut Vec<LeaseKeys>) {
     }
 }
 
+/// Every set the live leases are in (client, route, global), with the leases each holds.
+fn sets_of(live: &HashMap<u64, LeaseKeys>) -> HashMap<&str, Vec<&str>> {
+    let mut sets: HashMap<&str, Vec<&str>> = HashMap::new();
+    for k in live.values() {
+        if let Some(c) = &k.client {
+            sets.entry(c.conn.as_str()).or_default().push(&k.id);
+            if let Some(r) = &c.route {
+                sets.entry(r.as_str()).or_default().push(&k.id);
+            }
+        }
+        if k.global {
+            sets.entry(keys::GLOBAL_CONN).or_default().push(&k.id);
+        }
+    }
+    sets
+}
+
 /// The heartbeat and every live lease's new expiry, on the Redis clock. Returns whether Redis
 /// answered; a failure starts the fail mode (ending it is the caller's, once every lease is
 /// written).
@@ -154,20 +171,11 @@ async fn renew(inner: &Inner, live: &HashMap<u64, LeaseKeys>) -> bool {
             .zrembyscore(keys::INSTANCES, "-inf", now)
             .ignore()
             .zcard(keys::INSTANCES);
-        for k in live.values() {
-            if let Some(c) = &k.client {
-                b.on(&c.conn).zadd(&c.conn, &k.id, expiry).ignore().pexpire(&c.conn, 2 * ttl_ms).ignore();
-                if let Some(r) = &c.route {
-                    b.on(r).zadd(r, &k.id, expiry).ignore().pexpire(r, 2 * ttl_ms).ignore();
-                }
-            }
-            if k.global {
-                b.on(keys::GLOBAL_CONN)
-                    .zadd(keys::GLOBAL_CONN, &k.id, expiry)
-                    .ignore()
-                    .pexpire(keys::GLOBAL_CONN, 2 * ttl_ms)
-                    .ignore();
-            }
+        // One ZADD of every lease a set holds and one PEXPIRE per set: a client with many
+        // tunnels, and the global set above all, would otherwise cost two commands per lease.
+        for (set, ids) in sets_of(live) {
+            let members: Vec<(i64, &str)> = ids.into_iter().map(|id| (expiry, id)).collect();
+            b.on(set).zadd_multiple(set, &members).ignore().pexpire(set, 2 * ttl_ms).ignore();
         }
         let (instances,): (u32,) = b.query(&inner.conn, keys::INSTANCES).await?;
         Ok::<u32, redis::RedisError>(instances)
