@@ -50,6 +50,8 @@ pub mod server;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod target;
+#[cfg(test)]
+mod testlog;
 pub mod top;
 pub mod tunnel;
 

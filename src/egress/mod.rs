@@ -293,26 +293,14 @@ mod tests {
         assert_eq!(v4(&p.choose(&state, None, &user("a"), s, &t)), moved);
     }
 
-    /// Collects what a subscriber writes.
-    #[derive(Clone, Default)]
-    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testlog::Capture;
 
     fn logged(f: impl FnOnce()) -> String {
         let out = Capture::default();
         let w = out.clone();
         let sub = tracing_subscriber::fmt().with_writer(move || w.clone()).with_ansi(false).finish();
         tracing::subscriber::with_default(sub, f);
-        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+        out.text()
     }
 
     #[test]

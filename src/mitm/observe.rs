@@ -443,19 +443,7 @@ mod tests {
         assert!(!d.settled(), "a close-delimited body cannot be told from a truncated one");
     }
 
-    /// Collects what a subscriber writes.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testlog::Capture;
 
     /// One exchange recorded through the binary's formatter (text or JSON, as main.rs sets it up).
     fn logged(json: bool, request: &[u8]) -> String {
@@ -471,7 +459,7 @@ mod tests {
         } else {
             tracing::subscriber::with_default(builder.finish(), exchange);
         }
-        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+        out.text()
     }
 
     /// The `key=value` fields of a text line as a reader (or a log shipper) splits them: at
