@@ -7,7 +7,7 @@
 //! tunnel holds the bucket's FIFO lock (tokio's `Mutex` is fair) while it waits for its
 //! chunk, so the tunnels of one client take turns chunk by chunk instead of racing for
 //! wake-ups, and a tunnel that sends less simply takes shorter turns (max-min fairness).
-//! Waiting is a timer sleep, never a spin.
+//! Waiting is a timer sleep, never a spin, and every such sleep ends on a shared [`TICK`].
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -53,12 +53,37 @@ pub fn chunk_for(rate: ByteRate, sharers: u32) -> usize {
     usize::try_from(c).unwrap_or(MAX_CHUNK).clamp(CELL as usize, MAX_CHUNK)
 }
 
-/// Burst in cells: 100 ms of the rate, but at least the largest chunk (a lone tunnel's) and
-/// a cell of carry, so any chunk can pass and a short transfer is not all burst.
+/// Burst in cells: 100 ms of the rate, but at least the largest chunk (a lone tunnel's), a
+/// [`TICK`] of the rate and a cell of carry, so any chunk can pass, a short transfer is not
+/// all burst, and a draw that wakes up to a tick after its cells were due has lost none of
+/// them (a bucket holds at most its burst).
 fn burst_cells(rate: ByteRate) -> u32 {
     let tenth = rate.bytes_per_sec() / 10 / CELL;
-    let chunk = chunk_for(rate, 1) as u64 / CELL + 1;
+    let tick = u64::try_from(u128::from(rate.bytes_per_sec()) * TICK.as_nanos() / 1_000_000_000).unwrap_or(u64::MAX);
+    let chunk = chunk_for(rate, 1) as u64 / CELL + tick.div_ceil(CELL) + 1;
     u32::try_from(tenth.max(chunk)).unwrap_or(u32::MAX)
+}
+
+/// Every throttled wait ends on a tick of this length, counted from one process-wide epoch.
+///
+/// A throttled chunk costs far more CPU than the same bytes moved by a busy tunnel, because
+/// each one is a wake-up from idle: the timer, a worker thread leaving its sleep, cold caches,
+/// and the peers the chunk wakes in turn. Two hundred tunnels whose waits end at scattered
+/// instants wake the proxy a thousand times a second for one chunk each; ending every wait on
+/// a shared tick lets one wake-up move every chunk that came due within the tick, which
+/// measured about a third less CPU per throttled byte at 100 clients (bench/throttle.sh,
+/// docs/benchmarks). The price is at most one tick of delay for a chunk that had to wait at
+/// all (a tunnel under its budget never waits), and no bytes: the burst carries a tick's worth
+/// of the rate ([`burst_cells`]), so a late wake finds its credit still there.
+pub const TICK: Duration = Duration::from_millis(50);
+
+/// The first tick at or after `deadline`.
+fn on_tick(deadline: Instant) -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let tick = TICK.as_nanos();
+    let ticks = deadline.saturating_duration_since(epoch).as_nanos().div_ceil(tick);
+    epoch + Duration::from_nanos(u64::try_from(ticks * tick).unwrap_or(u64::MAX))
 }
 
 struct Limiter {
@@ -218,7 +243,8 @@ impl Bucket {
                         Ok(Ok(())) => break,
                         Ok(Err(not_until)) => {
                             let wait = not_until.wait_time_from(limiter.gcra.clock().now());
-                            tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
+                            tokio::time::sleep_until(on_tick(Instant::now() + wait.max(Duration::from_micros(100))))
+                                .await;
                         }
                         // n <= burst by construction; should governor disagree, pass rather than hang.
                         Err(_) => break,
@@ -290,20 +316,72 @@ mod tests {
         assert_eq!(chunk_for(ByteRate(1 << 30), 1000), MAX_CHUNK);
         assert_eq!(chunk_for(ByteRate(100), 1), 1024);
         assert_eq!(chunk_for(mib(1), 0), 128 * 1024, "no sharer counts as one");
-        assert_eq!(burst_cells(mib(1)), 129);
-        assert_eq!(burst_cells(ByteRate(100)), 2);
+        assert_eq!(burst_cells(mib(1)), 128 + 52 + 1, "a chunk, a tick (51.2 cells) and a cell");
+        assert_eq!(burst_cells(ByteRate(100)), 3);
+        assert_eq!(burst_cells(mib(100)), 10240, "100 ms of a fast rate");
+    }
+
+    #[test]
+    fn waits_end_on_a_shared_tick() {
+        let now = Instant::now();
+        for ms in [0, 1, 49, 50, 51, 333] {
+            let due = now + Duration::from_millis(ms);
+            let tick = on_tick(due);
+            assert!(tick >= due && tick - due < TICK, "{ms} ms: {:?} after", tick - due);
+        }
+        // Every deadline within one tick wakes on the same one; the next nanosecond does not.
+        let t = on_tick(now + TICK * 3);
+        assert_eq!(on_tick(t - TICK + Duration::from_nanos(1)), t);
+        assert_eq!(on_tick(t - Duration::from_millis(1)), t);
+        assert_eq!(on_tick(t), t);
+        assert_eq!(on_tick(t + Duration::from_nanos(1)), t + TICK);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waking_on_ticks_loses_no_credit() {
+        // Two tunnels drawing a lone tunnel's chunk (32 cells) from 256 cells/s for 2 s. Each
+        // wait ends up to a tick (50 ms) after its cells were due; without a tick's worth of
+        // burst every such late wake would forfeit what accrued meanwhile, and the pair got
+        // 83-92% of the rate. Bounds: no more than the rate, the burst and a chunk per tunnel
+        // (the overshoot bound), at least 95% of the rate beyond the burst.
+        let bucket = Arc::new(Bucket::default());
+        let rate = ByteRate(256 * 1024);
+        let taken = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let until = started + Duration::from_millis(2000);
+        let draws: Vec<_> = (0..2)
+            .map(|_| {
+                let (bucket, taken) = (Arc::clone(&bucket), Arc::clone(&taken));
+                tokio::spawn(async move {
+                    while Instant::now() < until {
+                        bucket.take(Some(rate), 32).await;
+                        taken.fetch_add(32, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for d in draws {
+            d.await.unwrap();
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let taken = taken.load(Ordering::Relaxed) as f64;
+        let burst = f64::from(burst_cells(rate));
+        assert!(taken <= 256.0 * secs + burst + 2.0 * 32.0, "{taken} cells in {secs:.3} s");
+        assert!(taken - burst >= 0.95 * 256.0 * (secs - 0.05), "{taken} cells in {secs:.3} s (burst {burst})");
     }
 
     #[tokio::test]
     async fn a_bucket_paces_to_its_rate() {
-        // 64 KiB/s with a burst of 6 cells: 70 cells take at least (70 - 6) / 64 s.
+        // 64 KiB/s with a burst of 13 cells (a chunk of 8, a tick of 3.2 and one): 77 cells
+        // take at least (77 - 13) / 64 s.
+        assert_eq!(burst_cells(ByteRate(64 * 1024)), 13);
         let bucket = Bucket::default();
         let started = std::time::Instant::now();
-        for _ in 0..70 {
+        for _ in 0..77 {
             bucket.take(Some(ByteRate(64 * 1024)), 1).await;
         }
         let took = started.elapsed();
-        assert!(took >= Duration::from_millis(950), "took {took:?}");
+        assert!(took >= Duration::from_millis(990), "took {took:?}");
     }
 
     #[tokio::test]
@@ -332,15 +410,15 @@ mod tests {
         let waited = tokio::time::timeout(Duration::from_secs(5), draw).await.unwrap().unwrap();
         assert!(waited >= Duration::from_millis(40), "waited {waited:?}");
         assert_eq!(bucket.balance(), 4);
-        // A rate still paces what the credit allows: at 64 KiB/s (a burst of 9 cells), 40
+        // A rate still paces what the credit allows: at 64 KiB/s (a burst of 13 cells), 44
         // cells take at least 31/64 s.
         bucket.refill(100);
         let started = std::time::Instant::now();
-        for _ in 0..40 {
+        for _ in 0..44 {
             bucket.take(Some(ByteRate(64 * 1024)), 1).await;
         }
         assert!(started.elapsed() >= Duration::from_millis(450), "took {:?}", started.elapsed());
-        assert_eq!(bucket.balance(), 64);
+        assert_eq!(bucket.balance(), 60);
         // A bucket that is not fed ignores refills.
         let plain = Bucket::default();
         plain.refill(10);
