@@ -1,29 +1,32 @@
 //! Byte budgets: a [`Bucket`] is one shared budget (a client's uploads, say, or the global
 //! downstream), drawn from by every tunnel it covers.
 //!
-//! The rate arithmetic is governor's GCRA, counted in 1 KiB cells with a fixed chunk size,
-//! which avoids two traps: `n` above the burst can never pass, and byte-sized cells lose
-//! precision to whole-nanosecond periods at high rates. Fairness comes from queueing: a
-//! tunnel holds the bucket's FIFO lock (tokio's `Mutex` is fair) while it waits for its
-//! chunk, so the tunnels of one client take turns chunk by chunk instead of racing for
-//! wake-ups, and a tunnel that sends less simply takes shorter turns (max-min fairness).
-//! Waiting is a timer sleep, never a spin, and every such sleep ends on a shared [`TICK`].
+//! The rate arithmetic is GCRA (the virtual-scheduling form of a token bucket), counted in
+//! 1 KiB cells, because byte-sized cells lose precision to whole-nanosecond periods at high
+//! rates. A draw that must wait *reserves*: one compare-and-swap moves the bucket's
+//! theoretical arrival time on by the draw's cells and tells the draw when they are due, and
+//! the draw sleeps until then. Fairness comes from that order: the tunnels of one client are
+//! served chunk by chunk in the order they asked, never racing for wake-ups, and a tunnel that
+//! sends less simply takes shorter turns (max-min fairness). Waiting is a timer sleep, never a
+//! spin, and every such sleep ends on a shared [`TICK`].
+//!
+//! Reserving replaced a FIFO lock held while sleeping: with the lock, every chunk woke two
+//! tasks (the one whose cells were due, then the next in line only to start its own timer),
+//! and at 100 clients of two tunnels that second wake-up cost more CPU than 100 clients of one
+//! tunnel spent in all.
 
-use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
-use governor::clock::Clock;
-use governor::{DefaultDirectRateLimiter, Quota};
 use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
 use crate::config::ByteRate;
 
-/// Size of one governor cell.
+/// Size of one cell of the rate arithmetic.
 pub const CELL: u64 = 1024;
 
 /// Largest chunk a throttled tunnel moves at once: the splice relay's pipe (the copy relays
@@ -79,35 +82,70 @@ pub const TICK: Duration = Duration::from_millis(50);
 
 /// The first tick at or after `deadline`.
 fn on_tick(deadline: Instant) -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
     let tick = TICK.as_nanos();
-    let ticks = deadline.saturating_duration_since(epoch).as_nanos().div_ceil(tick);
-    epoch + Duration::from_nanos(u64::try_from(ticks * tick).unwrap_or(u64::MAX))
+    let ticks = deadline.saturating_duration_since(epoch()).as_nanos().div_ceil(tick);
+    epoch() + Duration::from_nanos(u64::try_from(ticks * tick).unwrap_or(u64::MAX))
 }
 
+/// The process-wide origin of the ticks and of every limiter's clock.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since [`epoch`].
+fn now_ns() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// GCRA state of one rate: when the bucket would be full again.
 struct Limiter {
     rate: ByteRate,
-    burst: u32,
-    gcra: DefaultDirectRateLimiter,
+    /// Nanoseconds per cell.
+    period: u64,
+    /// How far ahead of now the arrival time may run and a draw still pass: the burst.
+    tau: u64,
+    /// Theoretical arrival time, nanoseconds since [`epoch`]: the instant by which every
+    /// cell granted so far has been paid for at the rate.
+    tat: AtomicU64,
 }
 
 impl Limiter {
     fn new(rate: ByteRate) -> Limiter {
-        let period_ns = (CELL as u128 * 1_000_000_000 / rate.bytes_per_sec() as u128).max(1);
-        let burst = burst_cells(rate);
-        let quota = Quota::with_period(Duration::from_nanos(u64::try_from(period_ns).unwrap_or(u64::MAX)))
-            .expect("period is at least 1 ns")
-            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
-        Limiter { rate, burst, gcra: DefaultDirectRateLimiter::direct(quota) }
+        let period = u64::try_from((u128::from(CELL) * 1_000_000_000 / u128::from(rate.bytes_per_sec().max(1))).max(1))
+            .unwrap_or(u64::MAX);
+        let tau = period.saturating_mul(u64::from(burst_cells(rate)));
+        Limiter { rate, period, tau, tat: AtomicU64::new(0) }
+    }
+
+    /// Takes `cells` if they conform now; takes nothing otherwise.
+    fn try_take(&self, cells: u32, now: u64) -> bool {
+        let inc = self.period.saturating_mul(u64::from(cells));
+        self.tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                let next = tat.max(now).saturating_add(inc);
+                (next.saturating_sub(self.tau) <= now).then_some(next)
+            })
+            .is_ok()
+    }
+
+    /// Reserves `cells` whether or not they conform now, and returns when they do
+    /// (nanoseconds since [`epoch`]; at or before `now` for a draw that passes at once).
+    fn reserve(&self, cells: u32, now: u64) -> u64 {
+        let inc = self.period.saturating_mul(u64::from(cells));
+        let prev =
+            self.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| Some(tat.max(now).saturating_add(inc)));
+        // fetch_update with a closure that always answers Some cannot fail.
+        let prev = prev.unwrap_or_else(|t| t);
+        prev.max(now).saturating_add(inc).saturating_sub(self.tau)
     }
 }
 
 /// One shared byte budget.
 ///
-/// A draw that can pass at once, with nobody queued, takes no lock: governor's check is a
-/// single compare-and-swap, so a budget that does not bind costs almost nothing. Only a draw
-/// that must wait joins the FIFO queue.
+/// A draw is one compare-and-swap when it can pass at once, and one compare-and-swap and one
+/// timer when it must wait; no lock either way, so a budget that does not bind costs almost
+/// nothing. Only a fed bucket's draws queue (below), for its credit.
 ///
 /// The rate lives in the bucket, set by the backend that owns it (when the budget is made and
 /// on reload), so a tunnel draws on its budgets without knowing where their limits come from.
@@ -194,38 +232,57 @@ impl Bucket {
     /// binds), in turn with every other tunnel drawing on this bucket. Returns the time spent
     /// waiting.
     pub async fn take(&self, rate: Option<ByteRate>, cells: u32) -> Duration {
-        let limiter = rate.map(|r| self.limiter(r));
-        if self.queued.load(Ordering::Acquire) == 0 && self.pass_now(limiter.as_deref(), cells) {
+        if cells == 0 {
             return Duration::ZERO;
         }
-        // Boxed: the queue and timer state is needed only while waiting, and every tunnel
-        // would otherwise carry room for it inline for its whole life.
+        let limiter = rate.map(|r| self.limiter(r));
+        if self.credit.is_none() {
+            let Some(limiter) = limiter else { return Duration::ZERO };
+            let now = now_ns();
+            let due = limiter.reserve(cells, now);
+            if due <= now {
+                return Duration::ZERO;
+            }
+            // Boxed: the timer is needed only while waiting, and every tunnel would otherwise
+            // carry room for it inline for its whole life.
+            return Box::pin(self.sleep_until_due(due)).await;
+        }
+        if self.queued.load(Ordering::Acquire) == 0 && self.pass_now_fed(limiter.as_deref(), cells) {
+            return Duration::ZERO;
+        }
         Box::pin(self.wait_turn(limiter, cells)).await
     }
 
-    /// Takes `cells` without waiting, if the rate and the credit both allow it now.
-    fn pass_now(&self, limiter: Option<&Limiter>, cells: u32) -> bool {
-        let Some(n) = NonZeroU32::new(cells) else { return true };
-        if let Some(c) = &self.credit {
-            // Credit first: a draw that finds too little must not spend a rate token.
-            if limiter.is_some_and(|l| cells > l.burst) || !c.try_spend(u64::from(cells)) {
-                return false;
-            }
-            return match limiter {
-                None => true,
-                Some(l) if matches!(l.gcra.check_n(n), Ok(Ok(()))) => true,
-                Some(_) => {
-                    c.cells.fetch_add(u64::from(cells), Ordering::AcqRel);
-                    false
-                }
-            };
+    /// Sleeps until the tick at or after `due` (nanoseconds since [`epoch`]), counted as
+    /// waiting meanwhile. A tunnel dropped while it sleeps leaves its reservation spent: the
+    /// bucket under-delivers by at most that chunk, never over.
+    async fn sleep_until_due(&self, due: u64) -> Duration {
+        let started = Instant::now();
+        let _queued = Queued::join(&self.queued);
+        tokio::time::sleep_until(on_tick(epoch() + Duration::from_nanos(due))).await;
+        started.elapsed()
+    }
+
+    /// A fed bucket's draw without waiting: credit and rate must both allow it now.
+    fn pass_now_fed(&self, limiter: Option<&Limiter>, cells: u32) -> bool {
+        let Some(c) = &self.credit else { return false };
+        // Credit first: a draw that finds too little must not spend the rate.
+        if !c.try_spend(u64::from(cells)) {
+            return false;
         }
         match limiter {
             None => true,
-            Some(l) => cells <= l.burst && matches!(l.gcra.check_n(n), Ok(Ok(()))),
+            Some(l) if l.try_take(cells, now_ns()) => true,
+            Some(_) => {
+                c.cells.fetch_add(u64::from(cells), Ordering::AcqRel);
+                false
+            }
         }
     }
 
+    /// A fed bucket's draw that must wait. Credit goes out in queue order (tokio's `Mutex` is
+    /// fair), so a tunnel waiting for a grant is not overtaken by one that came later; the
+    /// head then reserves its cells at the rate and sleeps until they are due.
     async fn wait_turn(&self, limiter: Option<Arc<Limiter>>, cells: u32) -> Duration {
         let started = Instant::now();
         let _queued = Queued::join(&self.queued);
@@ -234,23 +291,10 @@ impl Bucket {
             c.spend(u64::from(cells)).await;
         }
         if let Some(limiter) = limiter {
-            let mut left = cells;
-            while left > 0 {
-                let n = left.min(limiter.burst);
-                let Some(nz) = NonZeroU32::new(n) else { break };
-                loop {
-                    match limiter.gcra.check_n(nz) {
-                        Ok(Ok(())) => break,
-                        Ok(Err(not_until)) => {
-                            let wait = not_until.wait_time_from(limiter.gcra.clock().now());
-                            tokio::time::sleep_until(on_tick(Instant::now() + wait.max(Duration::from_micros(100))))
-                                .await;
-                        }
-                        // n <= burst by construction; should governor disagree, pass rather than hang.
-                        Err(_) => break,
-                    }
-                }
-                left -= n;
+            let now = now_ns();
+            let due = limiter.reserve(cells, now);
+            if due > now {
+                tokio::time::sleep_until(on_tick(epoch() + Duration::from_nanos(due))).await;
             }
         }
         drop(turn);
