@@ -129,15 +129,48 @@ impl Limiter {
             .is_ok()
     }
 
-    /// Reserves `cells` whether or not they conform now, and returns when they do
-    /// (nanoseconds since [`epoch`]; at or before `now` for a draw that passes at once).
-    fn reserve(&self, cells: u32, now: u64) -> u64 {
+    /// Reserves `cells` whether or not they conform now.
+    fn reserve(&self, cells: u32, now: u64) -> Reserved {
         let inc = self.period.saturating_mul(u64::from(cells));
         let prev =
             self.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| Some(tat.max(now).saturating_add(inc)));
         // fetch_update with a closure that always answers Some cannot fail.
-        let prev = prev.unwrap_or_else(|t| t);
-        prev.max(now).saturating_add(inc).saturating_sub(self.tau)
+        let from = prev.unwrap_or_else(|t| t).max(now);
+        let end = from.saturating_add(inc);
+        Reserved { due: end.saturating_sub(self.tau), from, end }
+    }
+
+    /// Takes back a reservation nobody will use, if no later one was made since (the arrival
+    /// time still ends where it left it); otherwise the later draws are already scheduled
+    /// behind it and it stays spent.
+    fn unreserve(&self, r: &Reserved) {
+        let _ = self.tat.compare_exchange(r.end, r.from, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+/// Cells reserved on a [`Limiter`], in nanoseconds since [`epoch`].
+struct Reserved {
+    /// When the cells conform: at or before the time of the reservation for a draw that
+    /// passes at once.
+    due: u64,
+    /// The arrival time the reservation started from, and the one it left.
+    from: u64,
+    end: u64,
+}
+
+/// A reservation being slept on; given back if the sleeper is dropped (its tunnel ended)
+/// before the cells were due.
+struct Sleeper<'a> {
+    limiter: &'a Limiter,
+    reserved: Reserved,
+    woke: bool,
+}
+
+impl Drop for Sleeper<'_> {
+    fn drop(&mut self) {
+        if !self.woke {
+            self.limiter.unreserve(&self.reserved);
+        }
     }
 }
 
@@ -239,13 +272,13 @@ impl Bucket {
         if self.credit.is_none() {
             let Some(limiter) = limiter else { return Duration::ZERO };
             let now = now_ns();
-            let due = limiter.reserve(cells, now);
-            if due <= now {
+            let reserved = limiter.reserve(cells, now);
+            if reserved.due <= now {
                 return Duration::ZERO;
             }
             // Boxed: the timer is needed only while waiting, and every tunnel would otherwise
             // carry room for it inline for its whole life.
-            return Box::pin(self.sleep_until_due(due)).await;
+            return Box::pin(self.sleep_until_due(&limiter, reserved)).await;
         }
         if self.queued.load(Ordering::Acquire) == 0 && self.pass_now_fed(limiter.as_deref(), cells) {
             return Duration::ZERO;
@@ -253,13 +286,16 @@ impl Bucket {
         Box::pin(self.wait_turn(limiter, cells)).await
     }
 
-    /// Sleeps until the tick at or after `due` (nanoseconds since [`epoch`]), counted as
-    /// waiting meanwhile. A tunnel dropped while it sleeps leaves its reservation spent: the
-    /// bucket under-delivers by at most that chunk, never over.
-    async fn sleep_until_due(&self, due: u64) -> Duration {
+    /// Sleeps until the tick at or after the reservation is due, counted as waiting
+    /// meanwhile. A tunnel dropped while it sleeps gives its cells back when nobody reserved
+    /// after it; otherwise the bucket under-delivers by that chunk, never over.
+    async fn sleep_until_due(&self, limiter: &Limiter, reserved: Reserved) -> Duration {
         let started = Instant::now();
         let _queued = Queued::join(&self.queued);
-        tokio::time::sleep_until(on_tick(epoch() + Duration::from_nanos(due))).await;
+        let due = epoch() + Duration::from_nanos(reserved.due);
+        let mut sleeper = Sleeper { limiter, reserved, woke: false };
+        tokio::time::sleep_until(on_tick(due)).await;
+        sleeper.woke = true;
         started.elapsed()
     }
 
@@ -292,9 +328,12 @@ impl Bucket {
         }
         if let Some(limiter) = limiter {
             let now = now_ns();
-            let due = limiter.reserve(cells, now);
-            if due > now {
-                tokio::time::sleep_until(on_tick(epoch() + Duration::from_nanos(due))).await;
+            let reserved = limiter.reserve(cells, now);
+            if reserved.due > now {
+                let due = epoch() + Duration::from_nanos(reserved.due);
+                let mut sleeper = Sleeper { limiter: &limiter, reserved, woke: false };
+                tokio::time::sleep_until(on_tick(due)).await;
+                sleeper.woke = true;
             }
         }
         drop(turn);
@@ -412,6 +451,42 @@ mod tests {
         let burst = f64::from(burst_cells(rate));
         assert!(taken <= 256.0 * secs + burst + 2.0 * 32.0, "{taken} cells in {secs:.3} s");
         assert!(taken - burst >= 0.95 * 256.0 * (secs - 0.05), "{taken} cells in {secs:.3} s (burst {burst})");
+    }
+
+    #[tokio::test]
+    async fn a_draw_dropped_while_it_waits_gives_its_cells_back() {
+        // 64 KiB/s (burst 13 cells). Spend the burst, then a 32-cell draw would wait half a
+        // second; it is dropped after 50 ms. The next 32-cell draw must be due when the
+        // dropped one would have been (about 0.5 s), not a second from now behind it.
+        let rate = ByteRate(64 * 1024);
+        let bucket = Arc::new(Bucket::default());
+        bucket.take(Some(rate), 13).await;
+        let started = std::time::Instant::now();
+        let b = Arc::clone(&bucket);
+        let dropped = tokio::spawn(async move { b.take(Some(rate), 32).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        dropped.abort();
+        assert!(dropped.await.unwrap_err().is_cancelled());
+        bucket.take(Some(rate), 32).await;
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(750), "took {took:?}");
+        // A reservation with another behind it stays spent: the later draw keeps its place.
+        let b = Arc::clone(&bucket);
+        let first = tokio::spawn(async move { b.take(Some(rate), 16).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let b = Arc::clone(&bucket);
+        let second = tokio::spawn(async move { b.take(Some(rate), 16).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        first.abort();
+        let _ = first.await;
+        let started = std::time::Instant::now();
+        second.await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(350), "took {:?}", started.elapsed());
+        // And the arrival time still ends behind the second draw: the next 16 cells are due
+        // a quarter second after it (less up to a tick of lateness in its wake-up).
+        let started = std::time::Instant::now();
+        bucket.take(Some(rate), 16).await;
+        assert!(started.elapsed() >= Duration::from_millis(150), "took {:?}", started.elapsed());
     }
 
     #[tokio::test]
