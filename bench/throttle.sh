@@ -303,9 +303,33 @@ throttle_case() { # throttle_case CASE BUILD|squid [CONNS]
   # Opening the tunnels (one after another) comes before the window; up waits up to 10 s for
   # the sink to confirm the bytes in flight.
   lim=$((TH_SECS + 60 + conns / 20))
+  local before after
+  before=$(cpu_ticks "$pids")
   run_client "$case" "$build" "$lim" "$TB" throttle --proxy "$PROXY" --target "$target" --dir "$dir" \
     --conns "$conns" --bind "$addr" --secs "$TH_SECS" "${limit[@]}" --pid "$pids" --label "$name" --op-timeout 30
+  after=$(cpu_ticks "$pids")
+  add_cpu_split "$before" "$after"
   stop_pid "$PROXY_PID"
+}
+
+cpu_ticks() { # cpu_ticks PIDS: "utime stime" in clock ticks, summed over the comma-separated PIDs
+  local p u=0 s=0 fields
+  for p in ${1//,/ }; do
+    # Fields 14 and 15 of /proc/PID/stat, counted after the command name (which may hold spaces).
+    fields=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | cut -d' ' -f12,13) || continue
+    [ -n "$fields" ] || continue
+    u=$((u + ${fields% *})) s=$((s + ${fields#* }))
+  done
+  echo "$u $s"
+}
+
+add_cpu_split() { # add_cpu_split "U0 S0" "U1 S1": the proxy's user and system shares of its CPU
+  # in the client's run, added to the last result line (tunnelbench reports their sum only)
+  local du ds out=$TH_OUT/results.jsonl
+  du=$((${2% *} - ${1% *})) ds=$((${2#* } - ${1#* }))
+  [ $((du + ds)) -gt 0 ] || return 0
+  { head -n -1 "$out"; tail -n 1 "$out" | jq -c --argjson u "$du" --argjson s "$ds" \
+    '. + {proxy_user_share: ($u / ($u + $s)), proxy_system_share: ($s / ($u + $s))}'; } >"$out.tmp" && mv "$out.tmp" "$out"
 }
 
 CR_PAIR=0

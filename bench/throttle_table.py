@@ -32,6 +32,13 @@ def fmt(x, nd=2):
     return f"{x:,.{nd}f}"
 
 
+def share(r, key):
+    """CPU-s per GB spent in user space or in the kernel: the proxy's share times the total."""
+    if r.get(key) is None or r.get("proxy_cpu_s_per_gb") is None:
+        return None
+    return r[key] * r["proxy_cpu_s_per_gb"]
+
+
 def throttle_figures(r):
     """One throttle line -> the figures of one row (None where not measured)."""
     per_conn = r.get("steady_per_conn_bytes_per_s") or []
@@ -54,6 +61,9 @@ def throttle_figures(r):
         "mbps": r.get("mbyte_per_s"),
         "cpu": r.get("proxy_cpu_s"),
         "cpu_gb": r.get("proxy_cpu_s_per_gb"),
+        # bench/throttle.sh adds the shares from /proc/PID/stat around the client's run.
+        "user_gb": share(r, "proxy_user_share"),
+        "system_gb": share(r, "proxy_system_share"),
         "errors": r.get("errors", 0),
         "sink_ok": r.get("sink_confirmed"),
         "conns": r.get("conns"),
@@ -119,6 +129,19 @@ def main(path):
                 cpu_gb += f" ({fmt(min(spread))}–{fmt(max(spread))})"
             print(f"| {c} | {names[b]} | {shape} | {acc} | {fair} | {fmt(f['mbps'], 1)} | {fmt(f['cpu'])} "
                   f"| {cpu_gb} | {g} | {len(fs)} |")
+
+    # ---- where the CPU went: user space or the kernel (bench/throttle.sh's shares)
+    split = [(c, b, groups[(c, b)]) for c in cases for b in builds if groups.get((c, b))]
+    split = [(c, b, fs) for c, b, fs in split if any(x["user_gb"] is not None for x in fs)]
+    if split:
+        print()
+        print("The proxy's CPU per GB, user space and kernel (its utime and stime shares from "
+              "/proc/PID/stat over the client's run, times the total above; median over rounds):")
+        print()
+        print("| case | proxy | user CPU-s per GB | system CPU-s per GB |")
+        print("|---|---|---|---|")
+        for c, b, fs in split:
+            print(f"| {c} | {names[b]} | {fmt(med([x['user_gb'] for x in fs]))} | {fmt(med([x['system_gb'] for x in fs]))} |")
 
     # ---- two builds: CPU per GB of B over A, within each round
     if "A" in names and "B" in names:
