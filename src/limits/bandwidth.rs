@@ -12,8 +12,8 @@
 //!
 //! Reserving replaced a FIFO lock held while sleeping: with the lock, every chunk woke two
 //! tasks (the one whose cells were due, then the next in line only to start its own timer),
-//! and at 100 clients of two tunnels that second wake-up cost more CPU than 100 clients of one
-//! tunnel spent in all.
+//! and 100 clients of two tunnels cost about a third more CPU per byte than 100 clients of
+//! one tunnel moving the same chunks (docs/benchmarks/2026-11-30-throttle-scale.md).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -74,8 +74,8 @@ fn burst_cells(rate: ByteRate) -> u32 {
 /// and the peers the chunk wakes in turn. Two hundred tunnels whose waits end at scattered
 /// instants wake the proxy a thousand times a second for one chunk each; ending every wait on
 /// a shared tick lets one wake-up move every chunk that came due within the tick, which
-/// measured about a third less CPU per throttled byte at 100 clients (bench/throttle.sh,
-/// docs/benchmarks). The price is at most one tick of delay for a chunk that had to wait at
+/// measured about a quarter less CPU per throttled byte at 100 clients
+/// (docs/benchmarks/2026-11-30-throttle-scale.md). The price is at most one tick of delay for a chunk that had to wait at
 /// all (a tunnel under its budget never waits), and no bytes: the burst carries a tick's worth
 /// of the rate ([`burst_cells`]), so a late wake finds its credit still there.
 pub const TICK: Duration = Duration::from_millis(50);
