@@ -75,22 +75,24 @@ fn burst_cells(rate: ByteRate) -> u32 {
 /// instants wake the proxy a thousand times a second for one chunk each; ending every wait on
 /// a shared tick lets one wake-up move every chunk that came due within the tick, which
 /// measured about a quarter less CPU per throttled byte at 100 clients
-/// (docs/benchmarks/2026-11-30-throttle-scale.md). The price is at most one tick of delay for a chunk that had to wait at
-/// all (a tunnel under its budget never waits), and no bytes: the burst carries a tick's worth
-/// of the rate ([`burst_cells`]), so a late wake finds its credit still there.
+/// (docs/benchmarks/2026-11-30-throttle-scale.md). The price is at most one tick of delay for
+/// a chunk that had to wait at all (a tunnel under its budget never waits), and no bytes: the
+/// burst carries a tick's worth of the rate ([`burst_cells`]), so a late wake finds its credit
+/// still there.
 pub const TICK: Duration = Duration::from_millis(50);
 
 /// The first tick at or after `deadline`.
 fn on_tick(deadline: Instant) -> Instant {
     let tick = TICK.as_nanos();
-    let ticks = deadline.saturating_duration_since(epoch()).as_nanos().div_ceil(tick);
-    epoch() + Duration::from_nanos(u64::try_from(ticks * tick).unwrap_or(u64::MAX))
+    let ticks = deadline.into_std().saturating_duration_since(epoch()).as_nanos().div_ceil(tick);
+    Instant::from_std(epoch() + Duration::from_nanos(u64::try_from(ticks * tick).unwrap_or(u64::MAX)))
 }
 
-/// The process-wide origin of the ticks and of every limiter's clock.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+/// The limits' process-wide clock origin: the ticks, every limiter's arrival times, and the
+/// pools' last-use stamps ([`super::pool::now_ms`]) count from it.
+pub(super) fn epoch() -> std::time::Instant {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
 }
 
 /// Nanoseconds since [`epoch`].
@@ -158,8 +160,17 @@ struct Reserved {
     end: u64,
 }
 
-/// A reservation being slept on; given back if the sleeper is dropped (its tunnel ended)
-/// before the cells were due.
+/// Sleeps until the tick at or after `reserved` is due. Dropped before then (its tunnel
+/// ended), it gives the cells back when nobody reserved after it; otherwise the bucket
+/// under-delivers by that chunk, never over.
+async fn sleep_on(limiter: &Limiter, reserved: Reserved) {
+    let mut sleeper = Sleeper { limiter, reserved, woke: false };
+    let due = Instant::from_std(epoch() + Duration::from_nanos(sleeper.reserved.due));
+    tokio::time::sleep_until(on_tick(due)).await;
+    sleeper.woke = true;
+}
+
+/// A reservation being slept on ([`sleep_on`]).
 struct Sleeper<'a> {
     limiter: &'a Limiter,
     reserved: Reserved,
@@ -286,16 +297,12 @@ impl Bucket {
         Box::pin(self.wait_turn(limiter, cells)).await
     }
 
-    /// Sleeps until the tick at or after the reservation is due, counted as waiting
-    /// meanwhile. A tunnel dropped while it sleeps gives its cells back when nobody reserved
-    /// after it; otherwise the bucket under-delivers by that chunk, never over.
+    /// A plain bucket's draw that must wait: [`sleep_on`] its reservation, counted as
+    /// waiting meanwhile.
     async fn sleep_until_due(&self, limiter: &Limiter, reserved: Reserved) -> Duration {
         let started = Instant::now();
         let _queued = Queued::join(&self.queued);
-        let due = epoch() + Duration::from_nanos(reserved.due);
-        let mut sleeper = Sleeper { limiter, reserved, woke: false };
-        tokio::time::sleep_until(on_tick(due)).await;
-        sleeper.woke = true;
+        sleep_on(limiter, reserved).await;
         started.elapsed()
     }
 
@@ -330,10 +337,7 @@ impl Bucket {
             let now = now_ns();
             let reserved = limiter.reserve(cells, now);
             if reserved.due > now {
-                let due = epoch() + Duration::from_nanos(reserved.due);
-                let mut sleeper = Sleeper { limiter: &limiter, reserved, woke: false };
-                tokio::time::sleep_until(on_tick(due)).await;
-                sleeper.woke = true;
+                sleep_on(&limiter, reserved).await;
             }
         }
         drop(turn);

@@ -7,9 +7,8 @@
 //! loads and, when a budget binds, one wait, whichever backend answers.
 
 use std::cell::Cell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use super::bandwidth::{self, Bucket};
 use super::conns::Slots;
@@ -50,10 +49,10 @@ impl Pool {
     }
 }
 
-/// Milliseconds since the process first asked: a clock cheap enough to stamp per chunk.
+/// Milliseconds since the limits' clock origin ([`bandwidth::epoch`]): a clock cheap enough
+/// to stamp per chunk.
 pub(super) fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+    bandwidth::epoch().elapsed().as_millis() as u64
 }
 
 /// The pools a tunnel draws on, by [`Scope`]: its client's, its route's (when the route has
